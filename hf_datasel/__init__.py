@@ -1,0 +1,14 @@
+"""hf_datasel: instruction-tuning data selection as a Hugging Face Trainer plugin.
+
+record (callbacks) -> store (a folder) -> methods (registry) -> DataSelector -> datasets.Dataset
+"""
+
+__version__ = "0.1.0"
+
+from .methods import METHODS, Selection
+from .record import LossRecorderCallback
+from .rows import with_row_ids
+from .selector import DataSelector
+from .store import RunStore, StoreError
+
+__all__ = ["METHODS", "DataSelector", "LossRecorderCallback", "RunStore", "Selection", "StoreError", "with_row_ids"]
