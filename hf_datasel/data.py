@@ -18,9 +18,7 @@ from .record.per_sample_loss import IGNORE_INDEX
 
 
 def _columns_error(columns: list[str]) -> ValueError:
-    return ValueError(
-        f"Expected a 'prompt' and 'completion' column (or a 'text' column); the dataset has {columns}."
-    )
+    return ValueError(f"Expected a 'prompt' and 'completion' column (or a 'text' column); the dataset has {columns}.")
 
 
 def tokenize_rows(dataset: Dataset, tokenizer, max_length: int | None = 1024) -> list[dict[str, list[int]]]:

@@ -74,7 +74,9 @@ class DataSelector:
         if ROW_ID in dataset.column_names and not np.array_equal(
             np.asarray(dataset[ROW_ID], np.int64), np.arange(len(dataset))
         ):
-            raise StoreError("The dataset's datasel_row_id column is not 0..n-1: pass the dataset in its original order.")
+            raise StoreError(
+                "The dataset's datasel_row_id column is not 0..n-1: pass the dataset in its original order."
+            )
         if len(row_id) and row_id.max() >= len(dataset):
             raise StoreError(
                 f"The store at {self.store.path} was recorded on a dataset with at least {row_id.max() + 1} rows; "

@@ -186,7 +186,9 @@ class LossRecorderCallback(TrainerCallback):
             loss = np.full((len(steps), len(row_id)), np.nan, np.float32)
             for i, s in enumerate(steps):
                 loss[i, np.searchsorted(row_id, self._sweeps[s]["row_id"])] = self._sweeps[s]["loss"]
-            self.store.save_arrays(RunStore.SWEEP, {"steps": np.asarray(steps, np.int64), "row_id": row_id, "loss": loss})
+            self.store.save_arrays(
+                RunStore.SWEEP, {"steps": np.asarray(steps, np.int64), "row_id": row_id, "loss": loss}
+            )
         nonfinite = int((~np.isfinite(records["loss"])).sum())
         self.store.update_manifest(
             recorded={
@@ -220,6 +222,7 @@ class LossRecorderCallback(TrainerCallback):
             },
             "recorded": {"loss_records": 0, "sweep_steps": []},
         }
+
 
 def _dedup_records(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """One record per (row, step): accelerate pads the last batch with duplicates of earlier rows."""

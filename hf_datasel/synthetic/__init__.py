@@ -3,4 +3,13 @@
 from .models import LARGE, PROXY, TinyLlamaSpec, build_model, build_tokenizer, save_and_reload
 from .tasks import TASKS, make_pool
 
-__all__ = ["LARGE", "PROXY", "TASKS", "TinyLlamaSpec", "build_model", "build_tokenizer", "make_pool", "save_and_reload"]
+__all__ = [
+    "LARGE",
+    "PROXY",
+    "TASKS",
+    "TinyLlamaSpec",
+    "build_model",
+    "build_tokenizer",
+    "make_pool",
+    "save_and_reload",
+]
