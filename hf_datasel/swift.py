@@ -1,0 +1,303 @@
+"""Swift Study: will data made with a strategy (e.g. chain-of-thought answers) help, judged without retraining.
+
+A handful of *probe* examples written with each strategy are scored against *evaluation*
+examples at every snapshot of a recorded run with the relative influence score of seed
+`000_…`:
+
+    RelInf(p, e; θt) = ⟨g(p), g(e)⟩ / ⟨g(e), g(e)⟩,   g = plain gradient of the trainable weights
+
+i.e. how much a step on `p` lowers the loss of `e`, relative to a step on `e` itself. Pairs
+of the same task give the *in-task* score, pairs of different tasks the *cross-task* score
+(generalization). An evaluation example the model has already learned has a near-zero
+gradient and would make RelInf explode; such examples are left out (and counted) at the
+snapshots where their ⟨g(e), g(e)⟩ falls below `near_zero ×` the median over evaluation
+examples.
+
+>>> report = swift_study("runs/warmup", probes=probe_ds, evals=eval_ds)
+>>> report.table            # strategy × step: in-task / cross-task mean, std, sem, pairs
+>>> report.plot("swift.png")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+DEFAULT_NEAR_ZERO = 1e-3
+TABLE_COLUMNS = (
+    "step",
+    "strategy",
+    "in_task_mean",
+    "in_task_std",
+    "in_task_sem",
+    "in_task_pairs",
+    "cross_task_mean",
+    "cross_task_std",
+    "cross_task_sem",
+    "cross_task_pairs",
+    "excluded_evals",
+    "excluded_pairs",
+)
+
+
+# -- scores -------------------------------------------------------------------------------
+def relinf(probe_grads: torch.Tensor, eval_grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RelInf of every (probe, eval) pair at one snapshot, and each eval's ⟨g(e), g(e)⟩.
+
+    `probe_grads` is (P, D), `eval_grads` (E, D): gradients (or their projections) as rows.
+    Returns `(scores (P, E), eval_norm2 (E,))` in float64. Scores are divided as they are;
+    near-zero denominators are dealt with by `aggregate_relinf`, which sees all of them.
+    """
+    if probe_grads.ndim != 2 or eval_grads.ndim != 2 or probe_grads.shape[1] != eval_grads.shape[1]:
+        raise ValueError(
+            f"Expected (P, D) probe and (E, D) eval gradients of the same D; got {tuple(probe_grads.shape)} "
+            f"and {tuple(eval_grads.shape)}."
+        )
+    p, e = probe_grads.double(), eval_grads.double()
+    norm2 = (e * e).sum(dim=1)
+    return (p @ e.T) / norm2, norm2
+
+
+def near_zero_evals(eval_norm2: np.ndarray, near_zero: float = DEFAULT_NEAR_ZERO) -> np.ndarray:
+    """Mask (T, E) of evals left out: ⟨g(e), g(e)⟩ ≤ `near_zero` × that snapshot's median, zero, or not finite."""
+    eval_norm2 = np.asarray(eval_norm2, np.float64)
+    if eval_norm2.ndim != 2:
+        raise ValueError(f"eval_norm2 must be (snapshots, evals), got shape {eval_norm2.shape}")
+    if not near_zero >= 0:
+        raise ValueError(f"near_zero must be a non-negative fraction of the median, got {near_zero}")
+    finite = np.isfinite(eval_norm2)
+    with np.errstate(all="ignore"):
+        median = np.array([np.median(row[ok]) if ok.any() else np.nan for row, ok in zip(eval_norm2, finite)])
+        small = eval_norm2 <= near_zero * median[:, None]
+    return ~finite | (eval_norm2 <= 0) | small
+
+
+def _spread(values: np.ndarray) -> tuple[float, float, float, int]:
+    n = int(values.size)
+    if n == 0:
+        return np.nan, np.nan, np.nan, 0
+    mean = float(values.mean())
+    if n == 1:
+        return mean, np.nan, np.nan, 1
+    std = float(values.std(ddof=1))
+    return mean, std, std / np.sqrt(n), n
+
+
+def aggregate_relinf(
+    scores: np.ndarray,
+    eval_norm2: np.ndarray,
+    probe_tasks: Sequence[str],
+    probe_strategies: Sequence[str],
+    eval_tasks: Sequence[str],
+    steps: Sequence[int],
+    near_zero: float = DEFAULT_NEAR_ZERO,
+) -> pd.DataFrame:
+    """In-task and cross-task RelInf per strategy and snapshot: mean, std (ddof=1), sem = std/√n, pair count n.
+
+    `scores` is (T, P, E), `eval_norm2` (T, E). Pairs whose eval is near zero at that snapshot
+    (see `near_zero_evals`) or whose score is not finite are left out; `excluded_evals` counts
+    the evals dropped at the snapshot, `excluded_pairs` the strategy's pairs dropped. The
+    spread is over pairs, which share probes and evals, so the sem is a lower bound on the
+    uncertainty: read it as a size of the scatter, not as a test.
+    """
+    scores = np.asarray(scores, np.float64)
+    probe_tasks, probe_strategies = np.asarray(probe_tasks, str), np.asarray(probe_strategies, str)
+    eval_tasks, steps = np.asarray(eval_tasks, str), np.asarray(steps, np.int64)
+    T, P, E = scores.shape
+    if eval_norm2.shape != (T, E) or len(probe_tasks) != P or len(probe_strategies) != P:
+        raise ValueError("scores (T, P, E), eval_norm2 (T, E) and the probe/eval labels do not agree in size.")
+    if len(eval_tasks) != E or len(steps) != T:
+        raise ValueError("scores (T, P, E), eval_tasks (E,) and steps (T,) do not agree in size.")
+    dropped = near_zero_evals(eval_norm2, near_zero)  # (T, E)
+    same_task = probe_tasks[:, None] == eval_tasks[None, :]  # (P, E)
+    rows = []
+    for t in range(T):
+        valid = ~dropped[t][None, :] & np.isfinite(scores[t])
+        for strategy in dict.fromkeys(probe_strategies):  # first-seen order
+            mine = probe_strategies == strategy
+            s, ok, same = scores[t][mine], valid[mine], same_task[mine]
+            in_stats = _spread(s[ok & same])
+            cross_stats = _spread(s[ok & ~same])
+            rows.append(
+                (int(steps[t]), str(strategy), *in_stats, *cross_stats, int(dropped[t].sum()), int((~ok).sum()))
+            )
+    return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+
+
+# -- the report -----------------------------------------------------------------------------
+class SwiftReport:
+    """The outcome of a Swift Study: raw RelInf scores across snapshots, the summary table, and a plot.
+
+    Attributes:
+        table: one row per (step, strategy): in-task and cross-task mean/std/sem/pairs, and
+            the near-zero exclusion counts (see `aggregate_relinf`).
+        scores: (T, P, E) RelInf per snapshot, probe, eval; `eval_norm2`: (T, E) ⟨g(e), g(e)⟩.
+        excluded: (T, E) evals left out as already learned at each snapshot.
+    """
+
+    def __init__(
+        self,
+        steps: Sequence[int],
+        scores: np.ndarray,
+        eval_norm2: np.ndarray,
+        probe_tasks: Sequence[str],
+        probe_strategies: Sequence[str],
+        eval_tasks: Sequence[str],
+        near_zero: float = DEFAULT_NEAR_ZERO,
+        info: dict[str, Any] | None = None,
+    ):
+        self.steps = np.asarray(steps, np.int64)
+        self.scores = np.asarray(scores, np.float64)
+        self.eval_norm2 = np.asarray(eval_norm2, np.float64)
+        self.probe_tasks = [str(x) for x in probe_tasks]
+        self.probe_strategies = [str(x) for x in probe_strategies]
+        self.eval_tasks = [str(x) for x in eval_tasks]
+        self.near_zero = float(near_zero)
+        self.info = dict(info or {})
+        self.table = aggregate_relinf(
+            self.scores,
+            self.eval_norm2,
+            self.probe_tasks,
+            self.probe_strategies,
+            self.eval_tasks,
+            self.steps,
+            self.near_zero,
+        )
+        self.excluded = near_zero_evals(self.eval_norm2, self.near_zero)
+
+    @property
+    def strategies(self) -> list[str]:
+        return list(dict.fromkeys(self.probe_strategies))
+
+    def with_near_zero(self, near_zero: float) -> SwiftReport:
+        """The same scores summarized with another near-zero threshold (no gradients recomputed)."""
+        return SwiftReport(
+            self.steps,
+            self.scores,
+            self.eval_norm2,
+            self.probe_tasks,
+            self.probe_strategies,
+            self.eval_tasks,
+            near_zero,
+            self.info,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"SwiftReport(strategies={self.strategies}, steps={self.steps.tolist()}, probes={len(self.probe_tasks)}, "
+            f"evals={len(self.eval_tasks)}, near_zero={self.near_zero}, excluded={int(self.excluded.sum())})"
+        )
+
+    def summary(self) -> str:
+        """The table as text, with what was left out stated (for printing)."""
+        options = ("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4f}".format)
+        with pd.option_context(*options):
+            text = self.table.to_string(index=False)
+        left_out = int(self.excluded.sum())
+        return (
+            f"Swift Study: RelInf = <g(probe), g(eval)> / <g(eval), g(eval)> over {len(self.steps)} snapshot(s), "
+            f"{len(self.probe_tasks)} probes, {len(self.eval_tasks)} evals.\n{text}\n"
+            f"Left out as already learned (<g(e),g(e)> <= {self.near_zero:g} x median): {left_out} eval-snapshot(s)."
+        )
+
+    # -- plot ---------------------------------------------------------------------------
+    def plot(
+        self, path: str | os.PathLike | None = None, band: Literal["sem", "std"] = "sem", title: str | None = None
+    ):
+        """Two panels (in-task, cross-task): one line per strategy across steps, shaded mean ± `band`.
+
+        Writes a PNG to `path` when given; returns the matplotlib figure.
+        """
+        if band not in ("sem", "std"):
+            raise ValueError(f"band must be 'sem' or 'std', not {band!r}")
+        import matplotlib
+
+        if path is not None:
+            matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for ax, scope, label in zip(axes, ("in_task", "cross_task"), ("in-task", "cross-task")):
+            for i, strategy in enumerate(self.strategies):
+                rows = self.table[self.table["strategy"] == strategy].sort_values("step")
+                x, y = rows["step"].to_numpy(), rows[f"{scope}_mean"].to_numpy(float)
+                spread = np.nan_to_num(rows[f"{scope}_{band}"].to_numpy(float))
+                color = colors[i % len(colors)]
+                ax.plot(x, y, marker="o", color=color, label=strategy)
+                ax.fill_between(x, y - spread, y + spread, color=color, alpha=0.2, linewidth=0)
+            ax.axhline(0.0, color="0.5", linewidth=0.8, linestyle="--")
+            ax.set_title(f"{label} RelInf (mean ± {band})")
+            ax.set_xlabel("training step (snapshot)")
+            ax.set_ylabel("RelInf")
+            ax.grid(alpha=0.3)
+            ax.legend(title="strategy")
+        left_out = int(self.excluded.sum())
+        fig.suptitle(
+            title
+            or f"Swift Study: {len(self.probe_tasks)} probes × {len(self.eval_tasks)} evals; "
+            f"{left_out} eval-snapshot(s) left out as already learned"
+        )
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(path, dpi=120)
+            plt.close(fig)
+        return fig
+
+    # -- files --------------------------------------------------------------------------
+    def save(self, out_dir: str | os.PathLike, stem: str = "swift") -> dict[str, Path]:
+        """Write `<stem>_table.csv`, `<stem>_table.json` (table + settings) and `<stem>_scores.npz` (raw scores)."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = {
+            "csv": out_dir / f"{stem}_table.csv",
+            "json": out_dir / f"{stem}_table.json",
+            "scores": out_dir / f"{stem}_scores.npz",
+        }
+        self.table.to_csv(paths["csv"], index=False)
+        payload = {
+            "near_zero": self.near_zero,
+            "steps": self.steps.tolist(),
+            "strategies": self.strategies,
+            "num_probes": len(self.probe_tasks),
+            "num_evals": len(self.eval_tasks),
+            "excluded_eval_snapshots": int(self.excluded.sum()),
+            "info": self.info,
+            "table": json.loads(self.table.to_json(orient="records")),
+        }
+        paths["json"].write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        np.savez(
+            paths["scores"],
+            steps=self.steps,
+            scores=self.scores,
+            eval_norm2=self.eval_norm2,
+            probe_tasks=np.asarray(self.probe_tasks),
+            probe_strategies=np.asarray(self.probe_strategies),
+            eval_tasks=np.asarray(self.eval_tasks),
+        )
+        return paths
+
+    @classmethod
+    def load(cls, out_dir: str | os.PathLike, stem: str = "swift", near_zero: float | None = None) -> SwiftReport:
+        """Rebuild a report from the files `save` wrote (optionally with another threshold)."""
+        out_dir = Path(out_dir)
+        settings = json.loads((out_dir / f"{stem}_table.json").read_text())
+        with np.load(out_dir / f"{stem}_scores.npz") as z:
+            arrays = {k: z[k] for k in z.files}
+        return cls(
+            arrays["steps"],
+            arrays["scores"],
+            arrays["eval_norm2"],
+            arrays["probe_tasks"].tolist(),
+            arrays["probe_strategies"].tolist(),
+            arrays["eval_tasks"].tolist(),
+            settings["near_zero"] if near_zero is None else near_zero,
+            settings.get("info"),
+        )
