@@ -1,0 +1,38 @@
+"""The demo runs end to end from the command line (small settings) and writes its results."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def test_demo_cli_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    cmd = [
+        sys.executable,
+        "-m",
+        "hf_datasel.cli",
+        "demo",
+        "--output-dir",
+        str(out),
+        "--pool-size",
+        "160",
+        "--large-steps",
+        "8",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["s2l"]["rows"] == results["random"]["rows"] == 32
+    for name in ("s2l", "random"):
+        assert set(results[name]["eval"]) == {"add", "reverse", "sort", "copy", "all"}
+        assert 0 <= results[name]["eval"]["all"]["exact_match"] <= 1
+    assert "held-out eval" in done.stdout
+
+
+def test_cli_bad_input_is_one_line_not_a_traceback():
+    done = subprocess.run(
+        [sys.executable, "-m", "hf_datasel.cli", "demo", "--budget", "3"], capture_output=True, text=True
+    )
+    assert done.returncode != 0 and "Traceback" not in done.stderr and "--budget" in done.stderr

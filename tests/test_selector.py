@@ -1,0 +1,106 @@
+"""DataSelector: raw rows out, clear errors on bad input, and the store must match the dataset."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from datasets import Dataset
+
+from hf_datasel import DataSelector, RunStore, StoreError, with_row_ids
+from hf_datasel.selector import resolve_budget
+from hf_datasel.store import atomic_path
+from tests.test_s2l import store_with_trajectories
+
+
+@pytest.fixture
+def recorded(tmp_path):
+    dataset = Dataset.from_dict({"prompt": [f"p{i}" for i in range(20)], "completion": [f"c{i}" for i in range(20)]})
+    losses = np.linspace(0.0, 1.9, 20)[:, None] * np.ones((1, 2))
+    losses[3] = np.nan
+    store_with_trajectories(tmp_path, dataset, losses)
+    return dataset, tmp_path
+
+
+def test_budget_resolution():
+    assert resolve_budget(0.2, 100) == 20 and resolve_budget(1.0, 7) == 7 and resolve_budget(0.001, 100) == 1
+    assert resolve_budget(5, 10) == 5
+    for bad in (0, 11, -1, 0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="out of range"):
+            resolve_budget(bad, 10)
+    for bad in (True, "10", None):
+        with pytest.raises(TypeError):
+            resolve_budget(bad, 10)
+
+
+def test_select_returns_raw_rows_in_order_with_scores(recorded):
+    dataset, out = recorded
+    selector = DataSelector.from_run(out, dataset=with_row_ids(dataset))
+    subset = selector.select("loss", budget=4, which="highest", with_scores=True)
+    assert subset.column_names == ["prompt", "completion", "datasel_score"]
+    assert subset["prompt"] == ["p16", "p17", "p18", "p19"]  # original order, datasel columns gone
+    np.testing.assert_allclose(subset["datasel_score"], np.linspace(0, 1.9, 20)[16:], rtol=1e-6)
+    lowest = selector.run("loss", budget=3, which="lowest")
+    assert lowest.indices.tolist() == [0, 1, 2] and lowest.info["rows_without_finite_loss"] == 1
+    middle = selector.run("loss", budget=3, which="middle")
+    assert middle.indices.tolist() == [9, 10, 11]  # 19 finite rows, centred window of 3
+    record = selector.last
+    assert record.budget == 3 and record.selection.params == {"which": "middle"}
+    assert record.store_manifest["model"]["name_or_path"] == "crafted"
+
+
+def test_random_is_seeded_and_needs_no_store():
+    dataset = Dataset.from_dict({"x": list(range(50))})
+    selector = DataSelector(dataset)
+    a, b = selector.select("random", 0.2, seed=3), selector.select("random", 0.2, seed=3)
+    assert a["x"] == b["x"] and len(a) == 10 and a["x"] == sorted(a["x"])
+    with pytest.raises(StoreError, match="from_run"):
+        selector.select("loss", 0.2)
+
+
+def test_clear_errors(recorded, tmp_path_factory):
+    dataset, out = recorded
+    selector = DataSelector.from_run(out, dataset=dataset)
+    with pytest.raises(ValueError, match="unknown selection method 'nope'"):
+        selector.select("nope", 0.1)
+    with pytest.raises(TypeError, match="takes no parameter"):
+        selector.select("loss", 0.1, whcih="lowest")
+    with pytest.raises(ValueError, match="no per-row scores"):
+        selector.select("random", 0.1, with_scores=True)
+    with pytest.raises(ValueError, match="19 rows"):
+        selector.select("loss", 20)
+    with pytest.raises(ValueError, match="empty"):
+        DataSelector(dataset.select([]))
+    with pytest.raises(StoreError, match="No hf_datasel store"):
+        DataSelector.from_run(tmp_path_factory.mktemp("empty"), dataset=dataset)
+
+
+def test_store_that_does_not_match_the_dataset(recorded):
+    dataset, out = recorded
+    edited = dataset.map(lambda row, i: {"completion": "changed" if i == 7 else row["completion"]}, with_indices=True)
+    with pytest.raises(StoreError, match=r"1 of 20 recorded rows have different content \(first rows: \[7\]\)"):
+        DataSelector.from_run(out, dataset=edited)
+    with pytest.raises(StoreError, match="at least 20 rows"):
+        DataSelector.from_run(out, dataset=dataset.select(range(10)))
+    with pytest.raises(StoreError, match="different content"):
+        DataSelector.from_run(out, dataset=dataset.shuffle(seed=0))
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
+    store = RunStore(tmp_path)
+    store.save_arrays("x", {"a": np.arange(3)})
+    with pytest.raises(RuntimeError):
+        with atomic_path(store.array_path("x")) as tmp:
+            tmp.write_bytes(b"half a file")
+            raise RuntimeError("interrupted")
+    assert store.load_arrays("x")["a"].tolist() == [0, 1, 2]
+    assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
+
+
+def test_with_row_ids_rejects_empty_and_is_idempotent():
+    dataset = Dataset.from_dict({"x": [1, 2, 2]})
+    stamped = with_row_ids(with_row_ids(dataset))
+    assert stamped["datasel_row_id"] == [0, 1, 2]
+    hashes = stamped["datasel_row_hash"]
+    assert hashes[1] == hashes[2] != hashes[0]  # equal content, equal hash
+    with pytest.raises(ValueError, match="empty"):
+        with_row_ids(dataset.select([]))
