@@ -1,0 +1,221 @@
+"""G2IS on hand-built vectors (choices worked out by hand), the graph against brute force, and the method."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hf_datasel.methods.g2is import (
+    GraphNeighbors,
+    LazyNeighbors,
+    core_knowledge,
+    describe,
+    g2is_arrays,
+    gradient_walk,
+    knn_graph,
+    l2_normalize,
+    num_components_for_share,
+    split_budget,
+)
+
+
+def unit(*degrees: float) -> np.ndarray:
+    """Unit vectors in the plane at the given angles (degrees from the x axis)."""
+    rad = np.deg2rad(np.asarray(degrees, np.float64))
+    return np.stack([np.cos(rad), np.sin(rad)], axis=1).astype(np.float32)
+
+
+def walk(rows, components, budgets, k, delta=0.8, across=True, lazy=False):
+    rows = np.asarray(rows, np.float32)
+    nbrs = LazyNeighbors(rows, k) if lazy else GraphNeighbors(knn_graph(rows, k)[0])
+    return gradient_walk(rows, np.asarray(components, np.float32), np.asarray(budgets), nbrs, delta, across)
+
+
+# ----------------------------------------------------------------------------- budget split and PCA
+
+
+def test_split_budget_largest_remainder():
+    # exact shares 3.5, 2.1, 1.4 -> floors 3, 2, 1 (6 rows); the one left goes to the largest remainder (0.5)
+    assert split_budget(np.array([0.5, 0.3, 0.2]), 7).tolist() == [4, 2, 1]
+    # equal remainders: the earlier entries win the ties
+    assert split_budget(np.array([1.0, 1.0, 1.0]), 2).tolist() == [1, 1, 0]
+    # shares 1.8, 1.2 -> floors 1, 1; the remainder 0.8 beats 0.2
+    assert split_budget(np.array([0.6, 0.4]), 3).tolist() == [2, 1]
+    assert split_budget(np.array([0.25, 0.75]), 0).tolist() == [0, 0]
+
+
+def test_num_components_for_share():
+    ratio = np.array([0.4, 0.3, 0.2, 0.1])
+    assert num_components_for_share(ratio, 0.5) == 2  # 0.4 < 0.5 <= 0.7
+    assert num_components_for_share(ratio, 0.4) == 1  # reaching the share exactly is enough
+    assert num_components_for_share(ratio, 0.71) == 3
+    assert num_components_for_share(ratio, 1.0) == 4
+    with pytest.raises(ValueError):
+        num_components_for_share(ratio, 0.0)
+
+
+def test_core_knowledge_components_at_variance_share():
+    # four rows (±3, ±1, 0)/sqrt(10): already unit, mean zero; variance 0.9 along x, 0.1 along y
+    rows = np.array([[3, 1, 0], [3, -1, 0], [-3, 1, 0], [-3, -1, 0]], np.float64) / np.sqrt(10)
+    core = core_knowledge(rows, variance_share=0.5)
+    assert len(core.components) == 1
+    np.testing.assert_allclose(core.explained_variance_ratio, [0.9], atol=1e-6)
+    # the mean is zero, so the sign falls back to "largest loading positive": +x
+    np.testing.assert_allclose(core.components[0], [1, 0, 0], atol=1e-6)
+    core = core_knowledge(rows, variance_share=0.95)
+    assert len(core.components) == 2
+    np.testing.assert_allclose(core.weights, [0.9, 0.1], atol=1e-6)
+
+
+def test_components_point_along_the_mean_target():
+    rng = np.random.default_rng(0)
+    targets = rng.normal(size=(40, 6)) + np.array([3.0, -2.0, 0, 0, 1.0, 0])
+    mean = l2_normalize(targets)[0].mean(axis=0)
+    core = core_knowledge(targets, variance_share=1.0)
+    assert (core.components @ mean > 0).all()
+    # flipping every target flips the mean and so every component: signs follow the data, not the solver
+    flipped = core_knowledge(-targets, variance_share=1.0)
+    np.testing.assert_allclose(flipped.components, -core.components, atol=1e-5)
+
+
+def test_core_knowledge_several_tasks_share_the_budget_equally():
+    task_a = unit(0, 0, 0)  # no variance: the task's (normalized) mean is its one component
+    task_b = np.array([[0, 0.6, 0.8], [0, 0.6, -0.8]], np.float32)  # variance along z only
+    core = core_knowledge([np.c_[task_a, np.zeros(3)], task_b], variance_share=0.5)
+    assert core.degenerate_tasks == [0]
+    np.testing.assert_allclose(core.weights, [0.5, 0.5])
+    assert core.task.tolist() == [0, 1]
+    np.testing.assert_allclose(core.components[0], [1, 0, 0], atol=1e-6)
+    # task b's component is ±z; its mean (0, 0.6, 0) projects to 0, so the largest loading is made positive
+    np.testing.assert_allclose(core.components[1], [0, 0, 1], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the walk by hand
+
+
+def test_walk_follows_the_graph_and_stops_at_conflicts():
+    # component along 0 deg; rows at 0, 55, -70, 85, -30 deg; every other row is a neighbour (k=4)
+    rows = unit(0, 55, -70, 85, -30)
+    result = walk(rows, unit(0), [4], k=4, delta=0.1)
+    # anchor: row 0 (cos 1). Its nearest neighbour is row 4 (30 deg away) -> add.
+    # Row 4 (-30 deg): nearest unselected is row 2 (-70, 40 deg away) -> no conflict, add.
+    # Row 2 (-70): rows 1 (55) and 3 (85) are 125 and 155 deg away -> conflict; no neighbour fits.
+    # Re-anchor: the remaining rows 1 and 3 both conflict with row 2 -> nothing fits: one row short.
+    assert result.indices.tolist() == [0, 4, 2]
+    assert result.anchors.tolist() == [1]
+    assert result.shortfall.tolist() == [1]
+
+
+def test_consistency_rule_passes_over_the_nearest_neighbour():
+    # component along 0 deg; rows at 20, 45, -25 deg. Anchor: row 0 (cos 20 = 0.940 is the best).
+    # Its nearest neighbour is row 1 (25 deg away); the sum of 20 and 45 points at 32.5 deg,
+    # cos 32.5 = 0.843 < 0.95 * 0.940 = 0.893, so delta=0.95 refuses it and takes row 2 instead
+    # (sum points at -2.5 deg, cos 0.999). With delta=0.5 the nearest neighbour is fine.
+    rows = unit(20, 45, -25)
+    assert walk(rows, unit(0), [2], k=2, delta=0.95).indices.tolist() == [0, 2]
+    assert walk(rows, unit(0), [2], k=2, delta=0.5).indices.tolist() == [0, 1]
+
+
+def test_reanchors_when_the_neighbours_are_used_up():
+    # component along 0 deg; two pairs of rows: (5, 10) and (-40, -45) deg; k=1.
+    # Anchor row 0 (5 deg); its only neighbour is row 1 -> add. Row 1's only neighbour is row 0
+    # (taken) -> re-anchor on the best remaining row, row 2 (-40 deg, no conflict: 45 and 50 deg
+    # from the others); its only neighbour is row 3 -> add. Budget met with one re-anchor.
+    rows = unit(5, 10, -40, -45)
+    result = walk(rows, unit(0), [4], k=1, delta=0.1)
+    assert result.indices.tolist() == [0, 1, 2, 3]
+    assert result.reanchors.tolist() == [1]
+    assert result.shortfall.tolist() == [0]
+
+
+def test_conflicts_count_across_components_unless_turned_off():
+    # components along 0 and 90 deg, one row each. Component 0 anchors on row 0 (-10 deg).
+    # For component 1 the best-aligned row is row 1 (95 deg), but it is 105 deg from row 0 (a
+    # conflict), so row 2 (60 deg, 70 deg from row 0) is taken instead. Without the cross-component
+    # rule row 1 is fine.
+    rows = unit(-10, 95, 60)
+    assert walk(rows, unit(0, 90), [1, 1], k=2).indices.tolist() == [0, 2]
+    assert walk(rows, unit(0, 90), [1, 1], k=2, across=False).indices.tolist() == [0, 1]
+
+
+def test_rows_pointing_away_from_the_component_never_anchor():
+    rows = unit(120, 180, -150)  # all have a negative cosine with the component at 0 deg
+    result = walk(rows, unit(0), [2], k=2)
+    assert len(result.indices) == 0 and result.shortfall.tolist() == [2]
+
+
+# ----------------------------------------------------------------------------- graph
+
+
+def test_knn_graph_matches_brute_force():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(53, 8)).astype(np.float32)
+    neighbors, sims = knn_graph(x, k=5, chunk_rows=7)  # several chunks, the last one partial
+    unit_rows = x / np.linalg.norm(x, axis=1, keepdims=True)
+    dense = unit_rows @ unit_rows.T
+    np.fill_diagonal(dense, -np.inf)
+    expected = np.argsort(-dense, axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(neighbors, expected)
+    np.testing.assert_allclose(sims, np.take_along_axis(dense, expected, axis=1), atol=1e-6)
+    lazy = LazyNeighbors(unit_rows, k=5)
+    for i in (0, 17, 52):
+        np.testing.assert_array_equal(lazy(i), expected[i])
+
+
+def test_knn_graph_skips_rows_without_features():
+    x = np.array([[1, 0], [np.nan, 1], [1, 0.1], [0, 0], [0.9, 0.5]], np.float32)
+    neighbors, _ = knn_graph(x, k=2)
+    assert neighbors[1].tolist() == [-1, -1] and neighbors[3].tolist() == [-1, -1]
+    assert set(neighbors[[0, 2, 4]].ravel().tolist()) <= {0, 2, 4}
+
+
+# ----------------------------------------------------------------------------- whole method on arrays
+
+
+def clustered(n=300, d=32, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(6, d))
+    shared = rng.normal(size=d) * 2
+    labels = rng.integers(0, 6, n)
+    train = shared + centers[labels] + 0.7 * rng.normal(size=(n, d))
+    targets = shared + centers[[0, 1]][rng.integers(0, 2, 40)] + 0.7 * rng.normal(size=(40, d))
+    return train.astype(np.float32), targets.astype(np.float32)
+
+
+def test_lazy_and_full_graph_agree_and_repeat():
+    train, targets = clustered()
+    lazy = g2is_arrays(train, targets, 30, num_neighbors=8, graph="lazy")
+    again = g2is_arrays(train, targets, 30, num_neighbors=8, graph="lazy")
+    full = g2is_arrays(train, targets, 30, num_neighbors=8, graph="full")
+    np.testing.assert_array_equal(lazy.walk.indices, again.walk.indices)
+    np.testing.assert_array_equal(lazy.walk.indices, full.walk.indices)
+    # no two chosen rows conflict
+    x = l2_normalize(train)[0][lazy.walk.indices]
+    assert (x @ x.T >= -1e-6).all()
+
+
+def test_shortfall_is_reported_in_info():
+    # rows at 0, 55, -70, 85, -30 deg as in the hand-worked walk, plus a target along 0 deg: 3 of 4 fit
+    rows = unit(0, 55, -70, 85, -30)
+    result = g2is_arrays(rows, unit(0, 0), 4, num_neighbors=4, delta=0.1)
+    info = describe(result, ["t"])
+    assert result.walk.indices.tolist() == [0, 4, 2]
+    assert info["shortfall"] == 1 and info["chosen_per_component"] == [3]
+    assert info["components"][0]["budget"] == 4 and info["components"][0]["shortfall"] == 1
+
+
+def test_without_graph_takes_the_most_aligned_rows():
+    rows = unit(0, 55, -70, 85, -30)
+    result = g2is_arrays(rows, unit(0, 0), 4, use_graph=False)
+    # cosines with 0 deg: 1, 0.57, 0.34, 0.09, 0.87 -> rows 0, 4, 1, 2 (no conflict rule)
+    assert result.walk.indices.tolist() == [0, 4, 1, 2]
+    assert result.graph == "none"
+
+
+def test_rows_without_features_are_never_chosen():
+    train, targets = clustered(n=80)
+    train[[3, 5]] = np.nan
+    train[7] = 0
+    result = g2is_arrays(train, targets, 10, num_neighbors=6)
+    assert not set(result.walk.indices.tolist()) & {3, 5, 7}
+    assert int((~result.valid).sum()) == 3
