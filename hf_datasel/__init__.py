@@ -6,9 +6,18 @@ record (callbacks) -> store (a folder) -> methods (registry) -> DataSelector -> 
 __version__ = "0.1.0"
 
 from .methods import METHODS, Selection
-from .record import LossRecorderCallback
+from .record import LossRecorderCallback, SnapshotCallback
 from .rows import with_row_ids
 from .selector import DataSelector
 from .store import RunStore, StoreError
 
-__all__ = ["METHODS", "DataSelector", "LossRecorderCallback", "RunStore", "Selection", "StoreError", "with_row_ids"]
+__all__ = [
+    "METHODS",
+    "DataSelector",
+    "LossRecorderCallback",
+    "RunStore",
+    "Selection",
+    "SnapshotCallback",
+    "StoreError",
+    "with_row_ids",
+]

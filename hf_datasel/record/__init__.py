@@ -2,5 +2,6 @@
 
 from .loss_recorder import LossRecorderCallback
 from .per_sample_loss import per_sample_loss
+from .snapshot import SnapshotCallback
 
-__all__ = ["LossRecorderCallback", "per_sample_loss"]
+__all__ = ["LossRecorderCallback", "SnapshotCallback", "per_sample_loss"]

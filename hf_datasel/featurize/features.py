@@ -1,0 +1,462 @@
+"""Per-sample gradient features of a dataset at a snapshot: computed in batches, stored, resumable, shardable.
+
+Storage (one folder per dataset × snapshot × preconditioner × projector spec, under the store):
+
+    features/<dataset key>/step-000010/<preconditioner>-<spec id>/
+        meta.json      projector spec, step, learning rates, preconditioner, row count, complete flag
+        unit.npy       (rows, k) float16 (spec.dtype) memory-mapped: each row's feature divided by its norm
+        norms.npy      (rows,) float32: each row's feature norm
+        shard-*-of-*/  work folders of unfinished or sharded runs (unit/norms/rows.npy + progress.json)
+
+Row i of the arrays is row i of the dataset. Storing unit vectors and norms apart keeps fp16 away
+from the under/overflow that raw gradient values would hit; `raw = unit * norm`. A row whose
+gradient is undefined (no label tokens, non-finite loss) is NaN in both files; a zero gradient
+has norm 0 and a zero unit row. Nothing turns either into a number.
+
+The dataset key hashes the tokenized rows (so it covers content, tokenizer and `max_length`).
+Batches are planned once for the whole dataset (rows sorted by length, then cut into batches);
+a shard is a contiguous range of those batches, so any number of processes computes exactly
+the batches a single process would, and the merged files are identical to a single run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from datasets import Dataset
+from tqdm.auto import tqdm
+
+from ..data import pad_batch, tokenize_rows
+from ..store import RunStore, StoreError, atomic_path, write_json
+from .grads import PerSampleGradients
+from .projector import Projector, ProjectorKind, ProjectorSpec
+from .snapshots import Snapshot, assign_snapshot, load_model, load_snapshot, load_tokenizer, snapshot_steps
+
+Preconditioner = Literal["none", "adam", "adam_reference"]
+PRECONDITIONERS = ("none", "adam", "adam_reference")
+FEATURES_DIR = "features"
+
+
+# -- Adam preconditioning -------------------------------------------------------------
+def adam_precondition(
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: int,
+    betas: tuple[float, float],
+    eps: float,
+    form: Literal["adam", "adam_reference"] = "adam",
+) -> torch.Tensor:
+    """The Adam update direction a sample's gradient `grad` (B, *shape) would produce from the stored moments.
+
+    `m' = β1 m + (1-β1) g`, `v' = β2 v + (1-β2) g²`. Form "adam" (default) is AdamW's own update at
+    step `t = step + 1`: `m'/(1-β1^t) / (sqrt(v'/(1-β2^t)) + eps)`. Form "adam_reference" is the LESS
+    reference code: `m' / sqrt(v' + 1e-8)` (no bias correction, epsilon inside the root).
+    """
+    beta1, beta2 = betas
+    g = grad.float()
+    m = exp_avg.unsqueeze(0) * beta1 + g * (1 - beta1)
+    v = exp_avg_sq.unsqueeze(0) * beta2 + g.square() * (1 - beta2)
+    if form == "adam_reference":
+        return m / torch.sqrt(v + 1e-8)
+    if form != "adam":
+        raise ValueError(f"Adam form must be 'adam' or 'adam_reference', not {form!r}")
+    t = int(step) + 1
+    return (m / (1 - beta1**t)) / (torch.sqrt(v / (1 - beta2**t)) + eps)
+
+
+# -- the batch featurizer ---------------------------------------------------------------
+class Featurizer:
+    """(B, k) gradient features of padded batches for one model at one snapshot.
+
+    One forward and one backward per batch (see `grads.PerSampleGradients`); each parameter's
+    per-sample gradient block is preconditioned and projected as soon as it is ready, so only
+    one block of (B, *shape) is alive at a time.
+    """
+
+    def __init__(self, model: torch.nn.Module, spec: ProjectorSpec, device: str | torch.device | None = None):
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model = model.to(self.device).eval()
+        self.spec = spec
+        self.engine = PerSampleGradients(self.model, spec.param_names)
+        shapes = dict(zip(spec.param_names, spec.param_shapes))
+        if self.engine.shapes != shapes:
+            raise ValueError("the model's trainable parameter shapes differ from the projector spec's")
+        self.projector = Projector(spec, self.device)
+        self.preconditioner: Preconditioner = "none"
+        self._snapshot: Snapshot | None = None
+        self._moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def set_snapshot(self, snapshot: Snapshot | None, preconditioner: Preconditioner = "none") -> None:
+        """Load `snapshot`'s weights into the model and use its moments for `preconditioner`."""
+        if preconditioner not in PRECONDITIONERS:
+            raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, not {preconditioner!r}")
+        if snapshot is not None:
+            assign_snapshot(self.model, snapshot)
+        self._moments = {}
+        if preconditioner != "none":
+            if snapshot is None or snapshot.exp_avg is None:
+                raise StoreError(
+                    "Adam-preconditioned features need the snapshot's Adam moments; the run's optimizer kept none "
+                    "(use an Adam/AdamW optimizer, or preconditioner='none')."
+                )
+            self._moments = {
+                n: (snapshot.exp_avg[n].to(self.device), snapshot.exp_avg_sq[n].to(self.device))
+                for n in self.spec.param_names
+            }
+        self.preconditioner = preconditioner
+        self._snapshot = snapshot
+
+    def batch_features(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(features (B, k) float32, per-sample loss (B,), valid (B,)) for one padded batch."""
+        batch = {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+        out = self.projector.new_output(batch["input_ids"].shape[0])
+        snap = self._snapshot
+
+        def consume(name: str, grads: torch.Tensor) -> None:
+            if self.preconditioner != "none":
+                m, v = self._moments[name]
+                grads = adam_precondition(
+                    grads, m, v, snap.optimizer_step or 0, snap.betas, snap.eps, self.preconditioner
+                )
+            self.projector.add(out, name, grads)
+
+        _, loss, valid = self.engine(batch["input_ids"], batch["attention_mask"], batch["labels"], consume=consume)
+        return out, loss, valid
+
+
+# -- planning and storage ---------------------------------------------------------------
+def dataset_key(rows: list[dict[str, list[int]]]) -> str:
+    """A content hash of tokenized rows (covers the dataset, the tokenizer and max_length)."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(np.asarray([len(r["input_ids"]) for r in rows], np.int64).tobytes())
+    for key in ("input_ids", "labels"):
+        h.update(np.concatenate([np.asarray(r[key], np.int64) for r in rows]).tobytes())
+    return h.hexdigest()
+
+
+def plan_batches(rows: list[dict[str, list[int]]], batch_size: int) -> list[list[int]]:
+    """Row positions of every batch: rows sorted (stably) by length, then cut into batches."""
+    if batch_size <= 0:
+        raise ValueError("batch_size must be positive")
+    order = np.argsort(np.asarray([len(r["input_ids"]) for r in rows]), kind="stable").tolist()
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def shard_batches(num_batches: int, index: int, num_shards: int) -> range:
+    """The contiguous range of batch numbers that shard `index` of `num_shards` computes."""
+    if not 0 <= index < num_shards:
+        raise ValueError(f"shard index {index} is not in [0, {num_shards})")
+    return range(index * num_batches // num_shards, (index + 1) * num_batches // num_shards)
+
+
+@dataclass
+class FeatureSet:
+    """Stored gradient features of one dataset at one snapshot (row i = dataset row i).
+
+    Attributes:
+        unit: (rows, k) memory-mapped unit-normalized features (NaN rows: undefined gradient).
+        norms: (rows,) float32 feature norms (NaN: undefined, 0: zero gradient).
+        spec: the projector spec; compare two sets with `spec.check_same`.
+        step, lr, lr_mean: the snapshot's step, learning rate, and mean learning rate since the previous one.
+        weight: lr_mean normalized over the snapshots returned together (set by `gradient_features`).
+        preconditioner: "none", "adam" or "adam_reference".
+    """
+
+    path: Path
+    spec: ProjectorSpec
+    step: int
+    lr: float
+    lr_mean: float
+    preconditioner: str
+    unit: np.ndarray
+    norms: np.ndarray
+    meta: dict[str, Any]
+    weight: float = 1.0
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> FeatureSet:
+        path = Path(path)
+        meta = json.loads((path / "meta.json").read_text())
+        if not meta.get("complete"):
+            raise StoreError(f"features at {path} are not complete; run featurization again to finish them.")
+        return cls(
+            path=path,
+            spec=ProjectorSpec.from_dict(meta["spec"]),
+            step=int(meta["step"]),
+            lr=float(meta["lr"]),
+            lr_mean=float(meta["lr_mean"]),
+            preconditioner=meta["preconditioner"],
+            unit=np.load(path / "unit.npy", mmap_mode="r"),
+            norms=np.load(path / "norms.npy"),
+            meta=meta,
+        )
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.norms)
+
+    def raw(self, rows: np.ndarray | slice | None = None) -> np.ndarray:
+        """float32 features (unit × norm) of `rows` (all rows by default)."""
+        rows = slice(None) if rows is None else rows
+        return np.asarray(self.unit[rows], np.float32) * self.norms[rows, None]
+
+    def valid_rows(self) -> np.ndarray:
+        """Bool mask of rows with a defined gradient (finite norm)."""
+        return np.isfinite(self.norms)
+
+
+def _open_shard(folder: Path, rows: np.ndarray, spec: ProjectorSpec, plan_info: dict) -> tuple[Any, Any, set[int]]:
+    """Open (or create) a shard's memmaps; returns (unit, norms, done batch numbers)."""
+    progress_path = folder / "progress.json"
+    if progress_path.exists():
+        progress = json.loads(progress_path.read_text())
+        if progress.get("plan") == plan_info:
+            unit = np.lib.format.open_memmap(folder / "unit.npy", mode="r+")
+            norms = np.lib.format.open_memmap(folder / "norms.npy", mode="r+")
+            return unit, norms, set(progress["done"])
+        shutil.rmtree(folder)  # a different batch plan: its batches are not ours to reuse
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "rows.npy", rows)
+    unit = np.lib.format.open_memmap(
+        folder / "unit.npy", mode="w+", dtype=np.dtype(spec.dtype), shape=(len(rows), spec.k)
+    )
+    norms = np.lib.format.open_memmap(folder / "norms.npy", mode="w+", dtype=np.float32, shape=(len(rows),))
+    norms[:] = np.nan
+    unit.flush()
+    norms.flush()
+    write_json(progress_path, {"plan": plan_info, "done": []})
+    return unit, norms, set()
+
+
+def _write_batch(unit, norms, local: np.ndarray, feats: torch.Tensor, valid: torch.Tensor) -> None:
+    feats = feats.detach().float()
+    norm = torch.linalg.vector_norm(feats, dim=1)
+    ok = valid & torch.isfinite(norm)
+    safe = torch.where(norm > 0, norm, torch.ones_like(norm))
+    u = feats / safe[:, None]
+    u[~ok] = float("nan")
+    norm = torch.where(ok, norm, torch.full_like(norm, float("nan")))
+    order = np.argsort(local)  # ascending file rows: sequential memmap writes
+    unit[local[order]] = u.cpu().numpy()[order].astype(unit.dtype)
+    norms[local[order]] = norm.cpu().numpy()[order]
+
+
+def featurize_rows(
+    featurizer: Featurizer,
+    rows: list[dict[str, list[int]]],
+    folder: str | os.PathLike,
+    meta: dict[str, Any],
+    *,
+    batch_size: int = 16,
+    pad_token_id: int = 0,
+    padding_side: Literal["left", "right"] = "right",
+    shard: tuple[int, int] = (0, 1),
+    progress: bool = True,
+) -> dict[str, int]:
+    """Featurize tokenized `rows` into `folder` (shard `shard` of the batch plan); resumable.
+
+    Finished batches are recorded in the shard's `progress.json` (written atomically after the
+    arrays are flushed), so a rerun after an interruption computes only the missing batches.
+    When every shard is done, the shards are merged into `unit.npy`/`norms.npy` and `meta.json`
+    is marked complete. Returns counts: `batches_computed`, `batches_skipped`, `merged` (0/1).
+    """
+    folder = Path(folder)
+    index, num_shards = shard
+    plan = plan_batches(rows, batch_size)
+    mine = shard_batches(len(plan), index, num_shards)
+    shard_rows = np.sort(np.asarray([p for b in mine for p in plan[b]], np.int64))
+    plan_info = {"batch_size": batch_size, "num_rows": len(rows), "num_batches": len(plan), "num_shards": num_shards}
+    work = folder / f"shard-{index:03d}-of-{num_shards:03d}"
+    stats = {"batches_computed": 0, "batches_skipped": 0, "merged": 0}
+    if (folder / "meta.json").exists() and json.loads((folder / "meta.json").read_text()).get("complete"):
+        stats["batches_skipped"] = len(mine)
+        return stats
+    write_json(folder / "meta.json", {**meta, "complete": False, "num_rows": len(rows), "plan": plan_info})
+    unit, norms, done = _open_shard(work, shard_rows, featurizer.spec, plan_info)
+    todo = [b for b in mine if b not in done]
+    stats["batches_skipped"] = len(mine) - len(todo)
+    desc = f"features @ step {meta.get('step')} ({meta.get('preconditioner')})"
+    for b in tqdm(todo, desc=desc, disable=not progress, unit="batch"):
+        positions = plan[b]
+        batch = pad_batch([rows[i] for i in positions], pad_token_id, padding_side)
+        feats, _, valid = featurizer.batch_features(batch)
+        _write_batch(unit, norms, np.searchsorted(shard_rows, positions), feats, valid)
+        unit.flush()
+        norms.flush()
+        done.add(b)
+        write_json(work / "progress.json", {"plan": plan_info, "done": sorted(done)})
+        stats["batches_computed"] += 1
+    del unit, norms
+    if merge_shards(folder, raise_if_incomplete=False):
+        stats["merged"] = 1
+    return stats
+
+
+def merge_shards(folder: str | os.PathLike, raise_if_incomplete: bool = True) -> bool:
+    """Merge a feature folder's finished shards into `unit.npy`/`norms.npy` in row order; True when merged."""
+    folder = Path(folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    if meta.get("complete"):
+        return True
+    plan = meta["plan"]
+    num_shards = plan["num_shards"]
+    works = [folder / f"shard-{i:03d}-of-{num_shards:03d}" for i in range(num_shards)]
+    missing = []
+    for i, w in enumerate(works):
+        p = w / "progress.json"
+        done = json.loads(p.read_text()) if p.exists() else None
+        expected = len(shard_batches(plan["num_batches"], i, num_shards))
+        if done is None or done["plan"] != plan or len(done["done"]) != expected:
+            missing.append(i)
+    if missing:
+        if raise_if_incomplete:
+            raise StoreError(f"features at {folder}: shards {missing} of {num_shards} are not finished yet.")
+        return False
+    spec = ProjectorSpec.from_dict(meta["spec"])
+    n = plan["num_rows"]
+    with atomic_path(folder / "unit.npy") as tmp_unit, atomic_path(folder / "norms.npy") as tmp_norms:
+        unit = np.lib.format.open_memmap(tmp_unit, mode="w+", dtype=np.dtype(spec.dtype), shape=(n, spec.k))
+        norms = np.full(n, np.nan, np.float32)
+        for w in works:
+            rows = np.load(w / "rows.npy")
+            part = np.load(w / "unit.npy", mmap_mode="r")
+            for start in range(0, len(rows), 65536):
+                unit[rows[start : start + 65536]] = part[start : start + 65536]
+            norms[rows] = np.load(w / "norms.npy")
+        unit.flush()
+        del unit
+        with open(tmp_norms, "wb") as f:
+            np.save(f, norms)
+    write_json(folder / "meta.json", {**meta, "complete": True})
+    for w in works:
+        shutil.rmtree(w, ignore_errors=True)
+    return True
+
+
+# -- the public entry point ---------------------------------------------------------------
+def gradient_features(
+    store: RunStore,
+    dataset: Dataset,
+    *,
+    preconditioner: Preconditioner = "none",
+    k: int | None = 8192,
+    seed: int = 0,
+    kind: ProjectorKind = "rademacher",
+    dtype: str = "float16",
+    steps: Sequence[int] | None = None,
+    batch_size: int = 16,
+    max_length: int | None = 1024,
+    padding_side: Literal["left", "right"] = "right",
+    model: torch.nn.Module | None = None,
+    tokenizer=None,
+    device: str | torch.device | None = None,
+    shard: tuple[int, int] | None = None,
+    progress: bool = True,
+) -> list[FeatureSet] | None:
+    """Per-sample gradient features of `dataset` at each snapshot of the run in `store`, cached in the store.
+
+    This is the one API gradient-based methods call:
+
+    * LESS / G2IS: `gradient_features(store, train, preconditioner="adam", k=...)` and
+      `gradient_features(store, targets, preconditioner="none", k=...)` (same k and seed) give, per
+      snapshot, Adam-preconditioned train features and plain target features; `FeatureSet.weight`
+      is the snapshot's learning-rate weight (mean LR since the previous snapshot, normalized to sum 1).
+    * Swift Study / RelInf: `gradient_features(store, probes, k=None)` gives exact plain gradients
+      (`FeatureSet.raw()` for inner products), or pass `k` for projected ones.
+
+    Args:
+        store: the run store (`RunStore.for_output_dir(output_dir)`), holding snapshots from SnapshotCallback.
+        dataset: rows with `prompt`/`completion` (loss on the completion) or `text`; other columns ignored.
+        preconditioner: "none" (plain gradients), "adam" (bias-corrected AdamW update, ε outside the root)
+            or "adam_reference" (the LESS reference `m'/sqrt(v'+1e-8)`).
+        k: projection dimension; `None` for exact features (every trainable parameter, no projection).
+        seed, kind, dtype: the projector (`ProjectorSpec`); features of different specs are never mixed.
+        steps: snapshot steps (default: all).
+        batch_size, max_length, padding_side: batching and truncation (results do not depend on padding).
+        model, tokenizer: overrides; by default both are rebuilt from the store with `from_pretrained`.
+        device: default CUDA when available, else CPU.
+        shard: `(index, num_shards)` to compute one shard (for several processes); the call that
+            finishes the last shard merges. Returns None while shards are missing.
+
+    Returns one `FeatureSet` per snapshot (ascending step), or None for an unfinished sharded run.
+    Rows whose gradient is undefined are NaN; the caller decides how to leave them out.
+    """
+    if preconditioner not in PRECONDITIONERS:
+        raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, not {preconditioner!r}")
+    available = snapshot_steps(store)
+    if not available:
+        raise StoreError(
+            f"The store at {store.path} has no snapshots: add SnapshotCallback() to the training run's callbacks."
+        )
+    steps = available if steps is None else [int(s) for s in steps]
+    unknown = sorted(set(steps) - set(available))
+    if unknown:
+        raise StoreError(f"no snapshot at step(s) {unknown}; the run has snapshots at {available}.")
+    tokenizer = load_tokenizer(store, tokenizer)
+    rows = tokenize_rows(dataset, tokenizer, max_length)
+    key = dataset_key(rows)
+    shard = shard or (0, 1)
+    featurizer: Featurizer | None = None
+    results: list[FeatureSet] = []
+    finished = True
+    for step in steps:
+        snapshot = load_snapshot(store, step)
+        spec = ProjectorSpec.create(snapshot.param_shapes, k, seed=seed, kind=kind if k else "identity", dtype=dtype)
+        folder = store.path / FEATURES_DIR / key / f"step-{step:06d}" / f"{preconditioner}-{spec.spec_id}"
+        meta_path = folder / "meta.json"
+        if not (meta_path.exists() and json.loads(meta_path.read_text()).get("complete")):
+            if featurizer is None:
+                base = load_model(store, model)
+                dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+                featurizer = Featurizer(base, spec, dev)
+            elif featurizer.spec != spec:
+                featurizer.projector = Projector(spec, featurizer.device)
+                featurizer.spec = spec
+            featurizer.set_snapshot(snapshot, preconditioner)
+            meta = {
+                "spec": spec.to_dict(),
+                "step": step,
+                "lr": snapshot.lr,
+                "lr_mean": snapshot.lr_mean,
+                "preconditioner": preconditioner,
+                "dataset_key": key,
+                "max_length": max_length,
+                "padding_side": padding_side,
+            }
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            stats = featurize_rows(
+                featurizer, rows, folder, meta, batch_size=batch_size, pad_token_id=pad,
+                padding_side=padding_side, shard=shard, progress=progress,
+            )  # fmt: skip
+            if not stats["merged"]:
+                finished = False
+                continue
+        results.append(FeatureSet.open(folder))
+    if not finished:
+        return None
+    total = sum(r.lr_mean for r in results)
+    for r in results:
+        r.weight = r.lr_mean / total if total > 0 else 1.0 / len(results)
+    return results
+
+
+def check_same_space(*feature_sets: FeatureSet) -> None:
+    """Raise `SpecMismatchError` unless all feature sets share one projector spec."""
+    for other in feature_sets[1:]:
+        feature_sets[0].spec.check_same(other.spec)
+
+
+def cosine_tolerance(k: int | None, z: float = 4.0) -> float:
+    """The projector's stated tolerance on cosines at dimension `k` (0 for exact features)."""
+    return 0.0 if k is None else z * math.sqrt(2.0 / k)
