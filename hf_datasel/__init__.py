@@ -9,6 +9,8 @@ from .methods import METHODS, Selection
 from .record import LossRecorderCallback, SnapshotCallback
 from .rows import with_row_ids
 from .selector import DataSelector
+from .spectra import GradientSpectra as GradientSpectra
+from .spectra import gradient_spectra as gradient_spectra
 from .store import RunStore, StoreError
 
 __all__ = [

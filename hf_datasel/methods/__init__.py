@@ -12,11 +12,13 @@ from .base import Selection, SelectionContext
 from .loss import select_by_loss
 from .random import select_random
 from .s2l import select_s2l
+from .spectral import select_spectral
 
 METHODS: dict[str, Callable[..., Selection]] = {
     "random": select_random,
     "loss": select_by_loss,
     "s2l": select_s2l,
+    "spectral": select_spectral,
 }
 
 

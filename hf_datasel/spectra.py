@@ -1,0 +1,602 @@
+"""Layer-wise gradient spectra: per sample and weight matrix, the singular values of the loss gradient.
+
+Li et al., 2025 (arXiv 2504.10766): the spectrum of a sample's gradient on each attention
+projection says something about its quality — higher-quality rows tend to give lower nuclear
+norms and higher effective ranks. A sample's gradient on a linear layer `y = x Wᵀ` is
+
+    G = Σ_t δ_t x_tᵀ = Δᵀ X        (Δ: T×d_out output-gradients, X: T×d_in inputs)
+
+so its rank is at most the number of tokens T. With `Xᵀ = Q_x R_x` and `Δᵀ = Q_d R_d` (thin
+QR), `G = Q_d (R_d R_xᵀ) Q_xᵀ`, and the singular values of G are those of the small
+`R_d R_xᵀ` (at most T×T). Nothing of size d_out×d_in is ever formed or decomposed. Inputs and
+output-gradients are captured with hooks, so the weight itself need not require grad (frozen
+base weights under a LoRA adapter work the same as a full model), and one backward pass over a
+padded batch gives every row's factors at once (rows never interact in a causal LM).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from torch import nn
+
+from .data import iter_batches, tokenize_rows
+from .record.per_sample_loss import IGNORE_INDEX
+from .rows import ROW_COLUMNS, row_hashes
+from .store import RunStore, StoreError
+
+METRICS = ("nuclear_norm", "effective_rank", "frobenius_norm", "top_sigma")
+"""Per (row, weight matrix): Σσ, exp(entropy of σ/Σσ), sqrt(Σσ²), max σ."""
+
+QUALITY_DIRECTION = {
+    "nuclear_norm": "lowest",
+    "effective_rank": "highest",
+    "frobenius_norm": "lowest",
+    "top_sigma": "lowest",
+}
+"""Which end of each metric the paper associates with higher-quality data."""
+
+PROJECTION_ALIASES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
+STORE_NAME = "spectra"
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)(?:\.|$)")
+_PEFT_PREFIX = "base_model.model."
+
+
+# -- linear algebra ---------------------------------------------------------------------------------------------------
+def _r_factor(a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """R of the thin QR of each `a[b]ᵀ`: a is (B, T, d) -> R is (B, min(d, T), T), with `a[b] a[b]ᵀ = R[b]ᵀ R[b]`."""
+    return torch.linalg.qr(a.to(dtype).transpose(-1, -2), mode="r").R
+
+
+def factored_singular_values(
+    inputs: torch.Tensor,
+    output_grads: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Singular values of `G[b] = output_grads[b]ᵀ @ inputs[b]` for a batch, without forming G.
+
+    `inputs` is (B, T, d_in), `output_grads` (B, T, d_out), `mask` (B, T) marks the tokens that
+    count (padding contributes nothing, exactly). Returns (B, min(T, d_in, d_out)), descending.
+    """
+    if mask is not None:
+        keep = mask.to(torch.bool).unsqueeze(-1)
+        inputs = torch.where(keep, inputs, torch.zeros((), dtype=inputs.dtype, device=inputs.device))
+        output_grads = torch.where(
+            keep, output_grads, torch.zeros((), dtype=output_grads.dtype, device=output_grads.device)
+        )
+    return _core_singular_values(_r_factor(output_grads, dtype), _r_factor(inputs, dtype))
+
+
+def _core_singular_values(r_grad: torch.Tensor, r_input: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.svdvals(r_grad @ r_input.transpose(-1, -2))
+
+
+def spectral_metrics(sigma: torch.Tensor | np.ndarray) -> dict[str, np.ndarray]:
+    """Nuclear norm, effective rank, Frobenius norm and top σ from singular values on the last axis.
+
+    Effective rank is `exp(-Σ p ln p)` with `p = σ / Σσ` (0 ln 0 = 0); it is NaN for an all-zero
+    gradient, where it is undefined. NaN singular values (padding of ragged spectra) are ignored.
+    """
+    s = torch.as_tensor(sigma, dtype=torch.float64)
+    s = torch.nan_to_num(s, nan=0.0).clamp(min=0.0)
+    nuclear = s.sum(-1)
+    p = s / torch.where(nuclear > 0, nuclear, torch.ones_like(nuclear)).unsqueeze(-1)
+    entropy = -torch.xlogy(p, p).sum(-1)
+    erank = torch.where(nuclear > 0, entropy.exp(), torch.full_like(nuclear, float("nan")))
+    top = s.amax(-1) if s.shape[-1] else torch.zeros(s.shape[:-1], dtype=s.dtype)
+    return {
+        "nuclear_norm": nuclear.numpy(),
+        "effective_rank": erank.numpy(),
+        "frobenius_norm": s.square().sum(-1).sqrt().numpy(),
+        "top_sigma": top.numpy(),
+    }
+
+
+# -- which weight matrices -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Target:
+    """One weight matrix whose per-sample gradient spectrum is measured."""
+
+    name: str  # canonical module name (PEFT prefix and `.base_layer` removed)
+    layer: int  # transformer block index, -1 when the name has none
+    projection: str  # the label the user asked for ("q", "gate_proj", ...) or the module's last name part
+
+
+def _canonical(name: str) -> str:
+    name = name.removesuffix(".base_layer")
+    return name[len(_PEFT_PREFIX) :] if name.startswith(_PEFT_PREFIX) else name
+
+
+def find_targets(
+    model: nn.Module,
+    layers: Literal["all"] | int | Sequence[int] = "all",
+    projections: Sequence[str] = ("q", "k", "v", "o"),
+    modules: Sequence[str] | None = None,
+) -> list[tuple[Target, nn.Linear]]:
+    """The `nn.Linear` modules to measure, in (layer, projection) order.
+
+    `projections` are name suffixes inside numbered blocks (`q` is short for `q_proj`, any other
+    suffix such as `mlp.down_proj` works); `modules` instead names linear layers exactly. Under a
+    PEFT model the frozen `base_layer` of a LoRA-wrapped layer is used.
+    """
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    found: list[tuple[Target, nn.Linear]] = []
+    if modules is not None:
+        by_name = {_canonical(n): m for n, m in linears}
+        missing = [n for n in modules if n not in by_name]
+        if missing:
+            raise ValueError(f"no linear layer named {missing}; linear layers include {sorted(by_name)[:8]}")
+        for n in modules:
+            match = _LAYER_RE.search(n)
+            found.append((Target(n, int(match.group(1)) if match else -1, n.rsplit(".", 1)[-1]), by_name[n]))
+        return found
+    if isinstance(layers, int):
+        layers = [layers]
+    wanted_layers = None if layers == "all" else {int(i) for i in layers}
+    if isinstance(projections, str):
+        projections = (projections,)
+    for label in projections:
+        suffix = "." + PROJECTION_ALIASES.get(label, label)
+        for name, m in linears:
+            canon = _canonical(name)
+            match = _LAYER_RE.search(canon)
+            if match is None or not canon.endswith(suffix):
+                continue
+            found.append((Target(canon, int(match.group(1)), label), m))
+    if not found:
+        sample = sorted({_canonical(n) for n, _ in linears})[:8]
+        raise ValueError(
+            f"no linear layer matches projections={tuple(projections)!r}; "
+            f"linear layers include {sample}. Pass modules=[...] to name them exactly."
+        )
+    if wanted_layers is not None:
+        present = {t.layer for t, _ in found}
+        if wanted_layers - present:
+            raise ValueError(f"layers {sorted(wanted_layers - present)} do not exist; the model has {sorted(present)}")
+        found = [(t, m) for t, m in found if t.layer in wanted_layers]
+    order = sorted(range(len(found)), key=lambda i: (found[i][0].layer, projections.index(found[i][0].projection)))
+    return [found[i] for i in order]
+
+
+# -- the result ------------------------------------------------------------------------------------------------------
+@dataclass
+class GradientSpectra:
+    """Per-row, per-weight-matrix gradient spectrum metrics of one model on one dataset.
+
+    `metrics[name]` has shape (rows, matrices) in the order of `targets`; `loss` is each row's
+    response-token loss (NaN for a row without response tokens, whose metrics are all NaN);
+    `row_hash` ties the rows to the dataset (see `hf_datasel.rows.row_hashes`).
+    """
+
+    targets: list[Target]
+    metrics: dict[str, np.ndarray]
+    loss: np.ndarray
+    num_tokens: np.ndarray
+    row_hash: np.ndarray
+    singular_values: np.ndarray | None = None  # (rows, matrices, k), NaN-padded, when kept
+    columns: Any = None  # pandas DataFrame of the dataset's scalar columns, for grouping (not stored)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.loss)
+
+    @property
+    def table(self):
+        """Long pandas DataFrame: one line per row × layer × projection with every metric and the row's loss."""
+        import pandas as pd
+
+        n, m = self.num_rows, len(self.targets)
+        data = {
+            "row": np.repeat(np.arange(n), m),
+            "layer": np.tile([t.layer for t in self.targets], n),
+            "projection": np.tile([t.projection for t in self.targets], n),
+            "module": np.tile([t.name for t in self.targets], n),
+        }
+        data.update({k: self.metrics[k].reshape(-1) for k in METRICS})
+        data["loss"] = np.repeat(self.loss, m)
+        data["num_tokens"] = np.repeat(self.num_tokens, m)
+        return pd.DataFrame(data)
+
+    def _select_targets(
+        self, layers: Literal["all"] | int | Sequence[int] | None, projections: Sequence[str] | None
+    ) -> np.ndarray:
+        keep = np.ones(len(self.targets), bool)
+        if layers is not None and layers != "all":
+            layers = {layers} if isinstance(layers, int) else set(layers)
+            keep &= np.array([t.layer in layers for t in self.targets])
+        if projections is not None:
+            projections = {projections} if isinstance(projections, str) else set(projections)
+            keep &= np.array([t.projection in projections for t in self.targets])
+        if not keep.any():
+            raise ValueError(f"no measured matrix matches layers={layers!r}, projections={projections!r}")
+        return np.flatnonzero(keep)
+
+    def summary(
+        self,
+        metric: str = "effective_rank",
+        layers: Literal["all"] | int | Sequence[int] | None = None,
+        projections: Sequence[str] | None = None,
+    ) -> np.ndarray:
+        """One number per row: `metric` averaged over the chosen matrices (NaN if any of them is NaN)."""
+        if metric not in METRICS:
+            raise ValueError(f"unknown spectral metric {metric!r}; choose from {METRICS}")
+        return self.metrics[metric][:, self._select_targets(layers, projections)].mean(axis=1)
+
+    def _group_labels(self, group_by) -> np.ndarray | None:
+        if group_by is None:
+            return None
+        if isinstance(group_by, str):
+            if self.columns is None or group_by not in self.columns:
+                have = [] if self.columns is None else list(self.columns.columns)
+                raise ValueError(f"no column {group_by!r} to group by (columns kept: {have}); pass labels instead")
+            return np.asarray(self.columns[group_by])
+        labels = np.asarray(group_by)
+        if len(labels) != self.num_rows:
+            raise ValueError(f"group_by has {len(labels)} labels for {self.num_rows} rows")
+        return labels
+
+    def report(self, group_by: str | Sequence | None = None):
+        """Mean of each metric per layer and projection (per group), with row and NaN counts; see `layer_report`."""
+        table = self.table
+        labels = self._group_labels(group_by)
+        column = None
+        if labels is not None:
+            column = group_by if isinstance(group_by, str) else "group"
+            table[column] = np.repeat(labels, len(self.targets))
+        return layer_report(table, group_by=column)
+
+    def plot(
+        self,
+        path: str | os.PathLike,
+        group_by: str | Sequence | None = None,
+        metrics: Sequence[str] = ("nuclear_norm", "effective_rank"),
+    ) -> str:
+        """Save a PNG: mean metric per layer, one panel per metric × projection, one line per group."""
+        labels = self._group_labels(group_by)
+        table = self.table
+        column = None
+        if labels is not None:
+            column = group_by if isinstance(group_by, str) else "group"
+            table[column] = np.repeat(labels, len(self.targets))
+        return plot_report(layer_report(table, group_by=column), path, group_by=column, metrics=metrics)
+
+    # -- store ------------------------------------------------------------------------------------------------------
+    def save(self, store: str | os.PathLike | RunStore, name: str = STORE_NAME) -> RunStore:
+        """Write to the run store as one atomic safetensors file (metadata embedded), keyed by row hashes."""
+        store = store if isinstance(store, RunStore) else RunStore.for_output_dir(store)
+        meta = {"targets": [t.__dict__ for t in self.targets], "info": self.info, "format": 1}
+        arrays = {k: np.asarray(v, np.float64) for k, v in self.metrics.items()}
+        arrays.update(
+            loss=np.asarray(self.loss, np.float64),
+            num_tokens=np.asarray(self.num_tokens, np.int64),
+            row_hash=np.asarray(self.row_hash, np.int64),
+            meta=np.frombuffer(json.dumps(meta, default=str).encode(), np.uint8).copy(),
+        )
+        if self.singular_values is not None:
+            arrays["singular_values"] = np.asarray(self.singular_values, np.float32)
+        store.save_arrays(name, arrays)
+        if not store.exists():  # a fresh store: make it usable by DataSelector.from_run on these rows
+            store.save_arrays(
+                RunStore.ROWS, {"row_id": np.arange(self.num_rows, dtype=np.int64), "row_hash": arrays["row_hash"]}
+            )
+            store.write_manifest({"created_by": "gradient_spectra", "dataset": {"rows": self.num_rows}})
+        return store
+
+    @classmethod
+    def load(
+        cls, store: str | os.PathLike | RunStore, dataset: Dataset | None = None, name: str = STORE_NAME
+    ) -> GradientSpectra:
+        """Read spectra from a run store; with `dataset`, check its rows are the ones measured and keep its columns."""
+        store = store if isinstance(store, RunStore) else RunStore.for_output_dir(store)
+        arrays = store.load_arrays(name)
+        meta = json.loads(arrays.pop("meta").tobytes().decode())
+        spectra = cls(
+            targets=[Target(**t) for t in meta["targets"]],
+            metrics={k: arrays[k] for k in METRICS},
+            loss=arrays["loss"],
+            num_tokens=arrays["num_tokens"],
+            row_hash=arrays["row_hash"],
+            singular_values=arrays.get("singular_values"),
+            info={**meta["info"], "store": str(store.path)},
+        )
+        if dataset is not None:
+            spectra.check_rows(dataset, where=f"the '{name}' record at {store.path}")
+            spectra.columns = _scalar_columns(dataset)
+        return spectra
+
+    def check_rows(self, dataset: Dataset, where: str = "these spectra") -> None:
+        """Raise `StoreError` unless `dataset` has exactly the measured rows, in the same order."""
+        if len(dataset) != self.num_rows:
+            raise StoreError(
+                f"{where} cover {self.num_rows} rows; the dataset has {len(dataset)}. "
+                "Measure spectra on the same raw dataset you select from."
+            )
+        mismatched = np.flatnonzero(row_hashes(dataset) != self.row_hash)
+        if len(mismatched):
+            raise StoreError(
+                f"{where} do not match this dataset: {len(mismatched)} of {self.num_rows} rows differ "
+                f"(first rows: {mismatched[:5].tolist()}). Pass the same rows, in the same order."
+            )
+
+
+# -- report and plot -------------------------------------------------------------------------------------------------
+def layer_report(table, group_by: str | None = None, metrics: Sequence[str] = METRICS):
+    """Mean of each metric per (group,) layer and projection, NaN skipped; `rows` and `nan_<metric>` counts.
+
+    `table` is a long DataFrame like `GradientSpectra.table` (columns `layer`, `projection`, the
+    metrics, and `group_by` if given).
+    """
+    keys = ([group_by] if group_by is not None else []) + ["layer", "projection"]
+    grouped = table.groupby(keys, sort=True, dropna=False)
+    out = grouped[list(metrics)].mean()
+    out.insert(0, "rows", grouped.size())
+    for m in metrics:
+        out[f"nan_{m}"] = grouped[m].apply(lambda s: int(s.isna().sum()))
+    return out.reset_index()
+
+
+def plot_report(
+    report,
+    path: str | os.PathLike,
+    group_by: str | None = None,
+    metrics: Sequence[str] = ("nuclear_norm", "effective_rank"),
+) -> str:
+    """Draw `layer_report` output to a PNG (Agg, no global pyplot state) and return the path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    projections = list(dict.fromkeys(report["projection"]))
+    groups = [None] if group_by is None else list(dict.fromkeys(report[group_by]))
+    fig = Figure(figsize=(3.2 * len(projections), 2.6 * len(metrics)), constrained_layout=True)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(metrics), len(projections), squeeze=False, sharex=True)
+    for i, metric in enumerate(metrics):
+        for j, proj in enumerate(projections):
+            ax = axes[i][j]
+            part = report[report["projection"] == proj]
+            for g in groups:
+                line = part if g is None else part[part[group_by] == g]
+                label = "all rows" if g is None else f"{group_by}={g}"
+                ax.plot(line["layer"], line[metric], marker="o", label=label)
+            ax.set_title(f"{proj}: {metric.replace('_', ' ')}", fontsize=9)
+            if i == len(metrics) - 1:
+                ax.set_xlabel("layer")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    path = str(path)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _scalar_columns(dataset: Dataset):
+    import pandas as pd
+
+    keep = [
+        c
+        for c, f in dataset.features.items()
+        if c not in ROW_COLUMNS and getattr(f, "dtype", None) in {"string", "bool", "large_string"} | _INT_TYPES
+    ]
+    return pd.DataFrame({c: dataset[c] for c in keep})
+
+
+_INT_TYPES = {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"}
+
+
+# -- computing -------------------------------------------------------------------------------------------------------
+class _Capture:
+    """Hooks that turn one forward/backward of a padded batch into every row's spectra for every target."""
+
+    def __init__(self, targets: list[tuple[Target, nn.Linear]], dtype: torch.dtype, keep_sigma: bool):
+        self.targets, self.dtype, self.keep_sigma = targets, dtype, keep_sigma
+        self.mask: torch.Tensor | None = None
+        self.r_inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.calls: list[int] = []
+        self.sigma: list[torch.Tensor | None] = []
+        self.handles = [m.register_forward_hook(self._forward_hook(j)) for j, (_, m) in enumerate(targets)]
+
+    def start(self, mask: torch.Tensor) -> None:
+        self.mask = mask.to(torch.bool).unsqueeze(-1)
+        self.r_inputs.clear()
+        self.calls = [0] * len(self.targets)
+        self.sigma = [None] * len(self.targets)
+
+    def _masked(self, a: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.mask, a, torch.zeros((), dtype=a.dtype, device=a.device))
+
+    def _forward_hook(self, j: int):
+        def hook(module, args, output):
+            if self.mask is None:
+                return
+            self.calls[j] += 1
+            if self.calls[j] > 1:
+                raise NotImplementedError(
+                    f"{self.targets[j][0].name} runs more than once per forward (shared weights); "
+                    "its per-sample gradient is not a single Δᵀ X product."
+                )
+            if not output.requires_grad:
+                raise RuntimeError(f"{self.targets[j][0].name}: its output does not require grad")
+            x = args[0]
+            with torch.no_grad():
+                cached = self.r_inputs.get(id(x))  # q, k and v read the same tensor: factor it once
+                if cached is None:
+                    cached = (x, _r_factor(self._masked(x.detach()), self.dtype))
+                    self.r_inputs[id(x)] = cached
+            r_input = cached[1]
+            output.register_hook(lambda g: self._on_grad(j, g, r_input))
+
+        return hook
+
+    def _on_grad(self, j: int, grad: torch.Tensor, r_input: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.sigma[j] = _core_singular_values(_r_factor(self._masked(grad), self.dtype), r_input)
+
+    def stop(self) -> None:
+        self.mask = None
+        self.r_inputs.clear()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _row_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over each row's label tokens after the one-token shift, and the token counts."""
+    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+    token_loss = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(shift_labels.shape)
+    count = (shift_labels != IGNORE_INDEX).sum(-1)
+    return token_loss.sum(-1) / count.clamp(min=1), count
+
+
+def _tokenized(dataset: Dataset, tokenizer, max_length: int | None) -> list[dict[str, list[int]]]:
+    if "input_ids" in dataset.column_names:
+        ids = dataset["input_ids"]
+        labels = dataset["labels"] if "labels" in dataset.column_names else ids
+        rows = [{"input_ids": list(i), "labels": list(lab)} for i, lab in zip(ids, labels)]
+        return rows if max_length is None else [{k: v[:max_length] for k, v in r.items()} for r in rows]
+    if tokenizer is None:
+        raise ValueError("gradient_spectra needs tokenizer= for a dataset that is not tokenized yet")
+    return tokenize_rows(dataset, tokenizer, max_length)
+
+
+def gradient_spectra(
+    model: nn.Module,
+    dataset: Dataset,
+    tokenizer=None,
+    *,
+    layers: Literal["all"] | int | Sequence[int] = "all",
+    projections: Sequence[str] = ("q", "k", "v", "o"),
+    modules: Sequence[str] | None = None,
+    batch_size: int = 8,
+    max_length: int | None = 1024,
+    padding_side: Literal["left", "right"] = "right",
+    dtype: torch.dtype = torch.float64,
+    keep_singular_values: bool = False,
+    store: str | os.PathLike | RunStore | None = None,
+    name: str = STORE_NAME,
+    progress: bool = False,
+) -> GradientSpectra:
+    """Gradient spectra of every row of `dataset` on the chosen weight matrices of `model`.
+
+    The loss is the response-token loss (mean cross-entropy over completion tokens; all tokens of
+    a `text` row), tokenized the way SFTTrainer does. Singular values come from the factored
+    gradient in `dtype` (float64 by default), one forward and one backward per batch; padding
+    contributes nothing. With `store=` (a run's output_dir or a `RunStore`) the result is also
+    written there, keyed by the dataset's row hashes, for the `spectral` selection method.
+    """
+    if any(getattr(mod, "gradient_checkpointing", False) is True for mod in model.modules()):
+        raise ValueError("gradient_spectra: disable gradient checkpointing first (its re-forward would re-run hooks)")
+    rows = _tokenized(dataset, tokenizer, max_length)
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if pad_id is None:
+        pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
+    targets = find_targets(model, layers, projections, modules)
+    device = next(model.parameters()).device
+    n, m = len(rows), len(targets)
+    metrics = {k: np.full((n, m), np.nan) for k in METRICS}
+    loss = np.full(n, np.nan)
+    num_tokens = np.zeros(n, np.int64)
+    sigmas: list[tuple[list[int], list[np.ndarray]]] = []
+
+    emb_out: list[torch.Tensor] = []
+
+    def embedding_hook(module, args, out):
+        if not out.requires_grad:  # frozen embeddings (LoRA): keep the first blocks' activations in the graph
+            out = out.requires_grad_(True)
+        emb_out.append(out)
+        return out
+
+    emb_handle = model.get_input_embeddings().register_forward_hook(embedding_hook)
+    capture = _Capture(targets, dtype, keep_singular_values)
+    was_training = model.training
+    model.eval()
+    batches = iter_batches(rows, batch_size, pad_id, padding_side)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, total=(n + batch_size - 1) // batch_size, desc="gradient spectra")
+    try:
+        for positions, batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            mask = batch["attention_mask"]
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # exact for left padding too
+            emb_out.clear()
+            capture.start(mask)
+            with torch.enable_grad():
+                out = model(
+                    input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids, use_cache=False
+                )
+                row_loss, count = _row_losses(out.logits, batch["labels"])
+                total = row_loss[count > 0].sum()
+                if bool((count > 0).any()):
+                    torch.autograd.grad(total, emb_out[-1])
+            capture.stop()
+            has = (count > 0).cpu().numpy()
+            pos = np.asarray(positions)
+            loss[pos[has]] = row_loss.detach().double().cpu().numpy()[has]
+            num_tokens[pos] = count.cpu().numpy()
+            lengths = mask.sum(-1).cpu().numpy()
+            kept = []
+            for j, sigma in enumerate(capture.sigma):
+                if sigma is None:  # no row of the batch has response tokens
+                    sigma = torch.zeros(len(pos), 0, dtype=torch.float64)
+                values = spectral_metrics(sigma.cpu())
+                for k in METRICS:
+                    metrics[k][pos[has], j] = values[k][has]
+                if keep_singular_values:  # rank <= the row's own length: drop the zeros padding adds
+                    values = sigma.cpu().numpy().astype(np.float32)
+                    values[np.arange(values.shape[1]) >= lengths[:, None]] = np.nan
+                    values[~has] = np.nan
+                    kept.append(values)
+            if keep_singular_values:
+                sigmas.append((positions, kept))
+    finally:
+        capture.stop()
+        capture.remove()
+        emb_handle.remove()
+        model.train(was_training)
+
+    singular_values = None
+    if keep_singular_values:
+        width = max((s.shape[1] for _, kept in sigmas for s in kept), default=0)
+        singular_values = np.full((n, m, width), np.nan, np.float32)
+        for positions, kept in sigmas:
+            for j, s in enumerate(kept):
+                singular_values[np.asarray(positions), j, : s.shape[1]] = s
+    zero = int(np.sum(np.isnan(metrics["effective_rank"]) & np.isfinite(loss)[:, None]))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    spectra = GradientSpectra(
+        targets=[t for t, _ in targets],
+        metrics=metrics,
+        loss=loss,
+        num_tokens=num_tokens,
+        row_hash=row_hashes(dataset),
+        singular_values=singular_values,
+        columns=_scalar_columns(dataset),
+        info={
+            "model": getattr(getattr(base, "config", None), "_name_or_path", None) or type(base).__name__,
+            "peft": hasattr(model, "peft_config"),
+            "dtype": str(dtype).removeprefix("torch."),
+            "max_length": max_length,
+            "rows_without_response_tokens": int(np.sum(num_tokens == 0)),
+            "zero_gradients": zero,
+        },
+    )
+    if store is not None:
+        spectra.save(store, name=name)
+    return spectra

@@ -1,0 +1,260 @@
+"""Layer-wise gradient spectra: exact against autograd, metric formulas, report, store, `spectral` method."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from datasets import Dataset
+
+from hf_datasel import DataSelector, GradientSpectra, RunStore, StoreError, gradient_spectra
+from hf_datasel.data import tokenize_rows
+from hf_datasel.spectra import Target, factored_singular_values, find_targets, layer_report, spectral_metrics
+
+
+def _reference_sigmas(model, rows, names):
+    """svdvals of the explicit autograd gradient, one unpadded row at a time (loss over completion tokens)."""
+    modules = dict(model.named_modules())
+    weights = [modules[n].weight for n in names]
+    flags = [w.requires_grad for w in weights]
+    for w in weights:
+        w.requires_grad_(True)
+    try:
+        out = []
+        for r in rows:
+            ids, labels = torch.tensor([r["input_ids"]]), torch.tensor([r["labels"]])
+            logits = model(input_ids=ids).logits[:, :-1]
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1))
+            grads = torch.autograd.grad(loss, weights)
+            out.append(([torch.linalg.svdvals(g.double()) for g in grads], loss.item()))
+        return out
+    finally:
+        for w, f in zip(weights, flags):
+            w.requires_grad_(f)
+
+
+def _check_against_autograd(model, spectra, rows, names):
+    for i, (sigmas, loss) in enumerate(_reference_sigmas(model, rows, names)):
+        assert spectra.loss[i] == pytest.approx(loss, rel=1e-5)
+        for j, ref in enumerate(sigmas):
+            ours = torch.from_numpy(spectra.singular_values[i, j]).double()
+            ours = ours[~ours.isnan()]
+            k = len(ours)
+            assert k <= len(rows[i]["input_ids"])
+            torch.testing.assert_close(ours, ref[:k], rtol=1e-4, atol=1e-6 * ref[0].item())
+            assert ref[k:].abs().max().item() <= 1e-5 * ref[0].item() if k < len(ref) else True  # rank <= tokens
+            assert spectra.metrics["nuclear_norm"][i, j] == pytest.approx(ref.sum().item(), rel=1e-4)
+            assert spectra.metrics["top_sigma"][i, j] == pytest.approx(ref[0].item(), rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def rows6():
+    from hf_datasel.synthetic import make_pool
+
+    pool = make_pool(6, noise=0.3, seed=3)
+    return pool
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_matches_autograd_full_model(tokenizer, tiny_model, rows6, padding_side):
+    spectra = gradient_spectra(
+        tiny_model,
+        rows6,
+        tokenizer,
+        projections=("q", "k", "v", "o", "mlp.down_proj"),
+        batch_size=4,
+        padding_side=padding_side,
+        keep_singular_values=True,
+    )
+    rows = tokenize_rows(rows6, tokenizer)
+    assert len({len(r["input_ids"]) for r in rows}) > 1  # batches mix lengths: padding is exercised
+    names = [t.name for t in spectra.targets]
+    assert names[:5] == [f"model.layers.0.self_attn.{p}_proj" for p in "qkvo"] + ["model.layers.0.mlp.down_proj"]
+    assert len(names) == 10
+    _check_against_autograd(tiny_model, spectra, rows, names)
+    assert not any(p.grad is not None for p in tiny_model.parameters())  # the user's model is left untouched
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_matches_autograd_lora_base_weights(tokenizer, tiny_model, rows6, padding_side):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(tiny_model, config)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    spectra = gradient_spectra(
+        model, rows6, tokenizer, layers=[1], batch_size=3, padding_side=padding_side, keep_singular_values=True
+    )
+    assert [t.name for t in spectra.targets] == [f"model.layers.1.self_attn.{p}_proj" for p in "qkvo"]
+    assert spectra.info["peft"]
+    modules = dict(model.named_modules())
+    # LoRA-wrapped q/v: the frozen base_layer; k/o: plain Linear
+    names = [
+        f"base_model.model.model.layers.1.self_attn.{p}_proj" + (".base_layer" if p in "qv" else "") for p in "qkvo"
+    ]
+    assert all(isinstance(modules[n], torch.nn.Linear) for n in names)
+    _check_against_autograd(model, spectra, tokenize_rows(rows6, tokenizer), names)
+
+
+def test_factored_singular_values_random_and_masked():
+    gen = torch.Generator().manual_seed(0)
+    for T, d_in, d_out in [(5, 16, 12), (20, 6, 9)]:  # fewer and more tokens than dimensions
+        x = torch.randn(3, T, d_in, generator=gen, dtype=torch.float64)
+        delta = torch.randn(3, T, d_out, generator=gen, dtype=torch.float64)
+        mask = torch.ones(3, T, dtype=torch.bool)
+        mask[1, :2] = False  # left padding
+        mask[2, -3:] = False  # right padding
+        x[~mask] = float("nan")  # padding must not leak, even as NaN
+        ours = factored_singular_values(x, delta, mask)
+        assert ours.shape == (3, min(T, d_in, d_out))
+        for b in range(3):
+            g = delta[b, mask[b]].T @ x[b, mask[b]]
+            ref = torch.linalg.svdvals(g)
+            torch.testing.assert_close(ours[b], ref[: ours.shape[1]], rtol=1e-10, atol=1e-10)
+
+
+def test_metric_formulas_on_handmade_singular_values():
+    sigma = np.array([[3.0, 1.0, 0.0], [2.0, 2.0, 2.0], [0.0, 0.0, 0.0], [5.0, np.nan, np.nan]])
+    m = spectral_metrics(sigma)
+    np.testing.assert_allclose(m["nuclear_norm"], [4.0, 6.0, 0.0, 5.0])
+    np.testing.assert_allclose(m["frobenius_norm"], [math.sqrt(10), math.sqrt(12), 0.0, 5.0])
+    np.testing.assert_allclose(m["top_sigma"], [3.0, 2.0, 0.0, 5.0])
+    h = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    np.testing.assert_allclose(m["effective_rank"][[0, 1, 3]], [math.exp(h), 3.0, 1.0])
+    assert np.isnan(m["effective_rank"][2])  # all-zero gradient: undefined
+
+
+def test_rows_without_response_tokens_are_nan_and_counted(tokenizer, tiny_model):
+    ids = tokenizer("copy abc=abc", add_special_tokens=False)["input_ids"]
+    data = Dataset.from_dict(
+        {"input_ids": [ids, ids[:6]], "labels": [[-100] * 5 + ids[5:], [-100] * 6], "kind": ["ok", "empty"]}
+    )
+    spectra = gradient_spectra(tiny_model, data, projections=("v",), batch_size=2)
+    assert np.isfinite(spectra.loss[0]) and np.isnan(spectra.loss[1])
+    assert np.isfinite(spectra.metrics["effective_rank"][0]).all()
+    assert np.isnan(spectra.metrics["effective_rank"][1]).all() and np.isnan(spectra.metrics["nuclear_norm"][1]).all()
+    assert spectra.info["rows_without_response_tokens"] == 1
+    assert list(spectra.num_tokens) == [len(ids) - 5, 0]
+
+
+def test_find_targets_errors(tiny_model):
+    with pytest.raises(ValueError, match="no linear layer matches"):
+        find_targets(tiny_model, projections=("nope",))
+    with pytest.raises(ValueError, match="do not exist"):
+        find_targets(tiny_model, layers=[7])
+    ((target, _),) = find_targets(tiny_model, modules=["model.layers.1.mlp.up_proj"])
+    assert target == Target("model.layers.1.mlp.up_proj", 1, "up_proj")
+
+
+def _crafted(num_rows=6, hashes=None, columns=None) -> GradientSpectra:
+    targets = [Target(f"model.layers.{layer}.self_attn.{p}_proj", layer, p) for layer in (0, 1) for p in ("q", "v")]
+    erank = np.array(
+        [  # layer0 q, layer0 v, layer1 q, layer1 v
+            [1.0, 1.0, 9.0, 9.0],  # row 0: mean 5, high only in layer 1
+            [6.0, 6.0, 6.0, 6.0],  # row 1: mean 6
+            [9.0, 9.0, 2.0, 2.0],  # row 2: mean 5.5, high only in layer 0
+            [2.0, 2.0, 2.0, 2.0],  # row 3: mean 2
+            [np.nan] * 4,  # row 4: no response tokens
+            [3.0, 3.0, 3.0, np.nan],  # row 5: one zero gradient
+        ]
+    )[:num_rows]
+    nuclear = np.arange(num_rows * 4, dtype=float).reshape(num_rows, 4)
+    metrics = {"effective_rank": erank, "nuclear_norm": nuclear, "frobenius_norm": nuclear, "top_sigma": nuclear}
+    return GradientSpectra(
+        targets=targets,
+        metrics=metrics,
+        loss=np.ones(num_rows),
+        num_tokens=np.full(num_rows, 3),
+        row_hash=np.zeros(num_rows, np.int64) if hashes is None else hashes,
+        columns=columns,
+    )
+
+
+@pytest.fixture
+def six_rows():
+    return Dataset.from_dict({"prompt": [f"p{i}=" for i in range(6)], "completion": [str(i) for i in range(6)]})
+
+
+def test_spectral_method_choice_on_crafted_table(six_rows):
+    from hf_datasel.rows import row_hashes
+
+    spectra = _crafted(hashes=row_hashes(six_rows))
+    selector = DataSelector(six_rows)
+    sel = selector.run("spectral", 2, spectra=spectra)  # effective rank: highest by default
+    assert sel.indices.tolist() == [1, 2] and sel.params["direction"] == "highest"
+    assert sel.info["rows_without_finite_score"] == 2 and sel.info["source"] == "argument"
+    assert selector.run("spectral", 2, spectra=spectra, layers=[1]).indices.tolist() == [0, 1]
+    assert selector.run("spectral", 2, spectra=spectra, layers=0, projections=["v"]).indices.tolist() == [1, 2]
+    assert selector.run("spectral", 1, spectra=spectra, direction="lowest").indices.tolist() == [3]
+    low_nuclear = selector.run("spectral", 2, spectra=spectra, metric="nuclear_norm")  # lowest by default
+    assert low_nuclear.indices.tolist() == [0, 1] and low_nuclear.params["direction"] == "lowest"
+    subset = selector.select("spectral", 0.5, spectra=spectra, metric="nuclear_norm", with_scores=True)
+    assert subset["completion"] == ["0", "1", "2"] and subset["datasel_score"] == [1.5, 5.5, 9.5]
+    with pytest.raises(ValueError, match="budget of 5 rows"):
+        selector.run("spectral", 5, spectra=spectra)
+    with pytest.raises(ValueError, match="unknown metric"):
+        selector.run("spectral", 2, spectra=spectra, metric="rank")
+
+
+def test_store_roundtrip_and_row_hash_mismatch(tmp_path, six_rows):
+    from hf_datasel.rows import row_hashes
+
+    spectra = _crafted(hashes=row_hashes(six_rows))
+    store = spectra.save(tmp_path)
+    assert store.path == tmp_path / "datasel" and store.has("spectra")
+    loaded = GradientSpectra.load(tmp_path, dataset=six_rows)
+    assert loaded.targets == spectra.targets
+    np.testing.assert_array_equal(loaded.metrics["effective_rank"], spectra.metrics["effective_rank"])
+    selector = DataSelector(six_rows, store=RunStore.for_output_dir(tmp_path))
+    sel = selector.run("spectral", 2)
+    assert sel.indices.tolist() == [1, 2] and sel.info["source"] == "store"
+    assert DataSelector.from_run(tmp_path, six_rows).run("spectral", 2).indices.tolist() == [1, 2]
+
+    edited = six_rows.map(lambda r, i: {"completion": "x" if i == 4 else r["completion"]}, with_indices=True)
+    with pytest.raises(StoreError, match="1 of 6 rows differ"):
+        DataSelector(edited, store=RunStore.for_output_dir(tmp_path)).run("spectral", 2)
+    with pytest.raises(StoreError, match="cover 6 rows"):
+        DataSelector(six_rows.select(range(5)), store=RunStore.for_output_dir(tmp_path)).run("spectral", 2)
+    with pytest.raises(StoreError, match="needs gradient spectra"):
+        DataSelector(six_rows).run("spectral", 2)
+    with pytest.raises(StoreError, match="no 'other' record"):
+        selector.run("spectral", 2, name="other")
+
+
+def test_report_on_handmade_table():
+    table = pd.DataFrame(
+        {
+            "layer": [0, 0, 0, 0, 1, 1, 1, 1],
+            "projection": ["q"] * 8,
+            "quality": ["good", "good", "bad", "bad"] * 2,
+            "nuclear_norm": [1.0, 3.0, 10.0, 20.0, 2.0, 4.0, 6.0, 8.0],
+            "effective_rank": [4.0, 6.0, np.nan, 2.0, 1.0, 1.0, 1.0, 3.0],
+        }
+    )
+    report = layer_report(table, group_by="quality", metrics=("nuclear_norm", "effective_rank"))
+    by = report.set_index(["quality", "layer"])
+    assert by.loc[("good", 0), "nuclear_norm"] == 2.0 and by.loc[("bad", 0), "nuclear_norm"] == 15.0
+    assert by.loc[("bad", 0), "effective_rank"] == 2.0 and by.loc[("bad", 0), "nan_effective_rank"] == 1
+    assert by.loc[("bad", 1), "effective_rank"] == 2.0 and by.loc[("good", 1), "rows"] == 2
+    overall = layer_report(table, metrics=("nuclear_norm",)).set_index("layer")
+    assert overall.loc[1, "nuclear_norm"] == 5.0 and overall.loc[0, "rows"] == 4
+
+
+def test_on_the_fly_spectra_report_and_plot(tmp_path, tokenizer, tiny_model, rows6):
+    data = rows6.map(lambda r: {"quality": "noisy" if r["is_noisy"] else "clean"})
+    selector = DataSelector(data)
+    sel = selector.run("spectral", 3, model=tiny_model, tokenizer=tokenizer, batch_size=3)
+    assert sel.info["source"] == "computed" and len(sel.indices) == 3
+
+    spectra = gradient_spectra(tiny_model, data, tokenizer, store=tmp_path, batch_size=3)
+    assert spectra.table.shape[0] == 6 * 8
+    report = spectra.report(group_by="quality")
+    assert set(report["quality"]) == set(data["quality"]) and len(report) == len(set(data["quality"])) * 8
+    path = spectra.plot(tmp_path / "spectra.png", group_by="quality")
+    assert (tmp_path / "spectra.png").read_bytes()[:4] == b"\x89PNG" and path.endswith("spectra.png")
+    from_store = DataSelector(data, store=RunStore.for_output_dir(tmp_path)).run("spectral", 3)
+    np.testing.assert_allclose(from_store.scores, sel.scores)
+    assert from_store.indices.tolist() == sel.indices.tolist()
