@@ -187,3 +187,44 @@ def test_nan_loss_is_recorded_as_nan_not_a_number():
     assert torch.isnan(loss[1]) and torch.isfinite(loss[0])
     expected = F.cross_entropy(logits[0, :-1], labels[0, 1:])
     assert loss[0].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_sft_config_defaults_bf16_and_activation_checkpointing(tmp_path, tokenizer, tiny_model, pool):
+    """SFTConfig's own defaults (bf16 autocast, gradient checkpointing) as a user's script would have them."""
+    from trl import SFTConfig
+
+    weights = WeightsPerStep()
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8, report_to=[], use_cpu=True)
+    assert args.bf16 and args.gradient_checkpointing
+    trainer = SFTTrainer(
+        model=tiny_model,
+        args=args,
+        train_dataset=with_row_ids(pool),
+        processing_class=tokenizer,
+        callbacks=[LossRecorderCallback(), weights],
+    )
+    trainer.train()
+    records = RunStore.for_output_dir(tmp_path).load_arrays("losses")
+    assert len(records["row_id"]) == 16 == len(set(records["row_id"].tolist()))
+    reference = type(tiny_model)(tiny_model.config)
+    for row, step, loss in zip(records["row_id"], records["step"], records["loss"]):
+        reference.load_state_dict(weights.weights[int(step)])
+        expected = reference_loss(reference, tokenizer, pool[int(row)]["prompt"], pool[int(row)]["completion"], 1024)
+        assert loss == pytest.approx(expected, rel=2e-2)  # bf16 autocast vs an fp32 reference
+
+
+def test_callback_added_after_init_needs_its_trainer(tmp_path, tokenizer, tiny_model, pool):
+    trainer = SFTTrainer(
+        model=tiny_model,
+        args=sft_config(tmp_path, max_steps=1),
+        train_dataset=with_row_ids(pool),
+        processing_class=tokenizer,
+    )
+    trainer.add_callback(LossRecorderCallback())
+    with pytest.raises(RuntimeError, match="trainer=trainer"):
+        trainer.train()
+    trainer.remove_callback(LossRecorderCallback)
+    recorder = LossRecorderCallback(trainer=trainer)
+    trainer.add_callback(recorder)
+    trainer.train()
+    assert len(RunStore.for_output_dir(tmp_path).load_arrays("losses")["row_id"]) == 8

@@ -99,6 +99,11 @@ class LossRecorderCallback(TrainerCallback):
 
     # -- events -------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
+        if self.trainer is None:
+            raise RuntimeError(
+                "LossRecorderCallback was added after Trainer.__init__ without its trainer; use "
+                "trainer.add_callback(LossRecorderCallback(trainer=trainer)) or pass it in `callbacks=`."
+            )
         self._state = state
         resuming = state.global_step > 0 and self.store.has(RunStore.LOSSES)
         if resuming:
