@@ -61,11 +61,11 @@ def l2_normalize(features: np.ndarray, chunk_rows: int = 4096) -> tuple[np.ndarr
     out = np.empty(features.shape, np.float32)
     valid = np.zeros(len(features), bool)
     for lo in range(0, len(features), chunk_rows):
-        block = np.asarray(features[lo : lo + chunk_rows], np.float64)
-        norms = np.linalg.norm(block, axis=1)
+        block = np.array(features[lo : lo + chunk_rows], np.float32)
+        norms = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64))
         ok = np.isfinite(block).all(axis=1) & np.isfinite(norms) & (norms > 0)
         block[~ok] = 0.0
-        block[ok] /= norms[ok, None]
+        block[ok] /= norms[ok, None].astype(np.float32)
         out[lo : lo + len(block)] = block
         valid[lo : lo + len(block)] = ok
     return out, valid
@@ -493,10 +493,11 @@ class G2ISResult:
 
 
 def g2is_arrays(
-    train: np.ndarray,
+    train: np.ndarray | Sequence[np.ndarray],
     targets: np.ndarray | Sequence[np.ndarray],
     budget: int,
     *,
+    snapshot_weights: Sequence[float] | None = None,
     variance_share: float = 0.5,
     delta: float = 0.8,
     num_neighbors: int = 32,
@@ -508,6 +509,9 @@ def g2is_arrays(
 ) -> G2ISResult:
     """G2IS on feature arrays: `train` (rows, dims), `targets` one (rows, dims) array per task.
 
+    `train` may also be a list of per-snapshot arrays, combined with `snapshot_weights`
+    (see `combine_snapshots`; target arrays must then be combined the same way already).
+
     `graph="lazy"` computes exact neighbour lists only for visited rows; `graph="full"` builds
     the whole exact kNN graph first (same lists; worth it only when the budget is a large
     share of the pool). `use_graph=False` is the paper's "w/o graph" ablation.
@@ -516,7 +520,10 @@ def g2is_arrays(
         raise ValueError(f"g2is: graph must be 'lazy' or 'full', not {graph!r}")
     if not 0 < delta <= 1:
         raise ValueError(f"g2is: delta must be in (0, 1], not {delta}")
-    normed, valid = l2_normalize(train)
+    if isinstance(train, np.ndarray):
+        normed, valid = l2_normalize(train)
+    else:
+        normed, valid = combine_snapshots(train, snapshot_weights)
     if budget > int(valid.sum()):
         raise ValueError(
             f"budget of {budget} rows is more than the {int(valid.sum())} training rows with usable gradient features"
@@ -566,11 +573,17 @@ def describe(result: G2ISResult, task_names: Sequence[str]) -> dict[str, Any]:
 
 
 def _task_list(targets: Any) -> tuple[list[str], list[Any]]:
+    from datasets import Dataset
+
     if isinstance(targets, Mapping):
-        return [str(k) for k in targets], list(targets.values())
-    if isinstance(targets, (list, tuple)):
-        return [f"task{i}" for i in range(len(targets))], list(targets)
-    return ["target"], [targets]
+        names, sets = [str(k) for k in targets], list(targets.values())
+    elif isinstance(targets, (list, tuple)):
+        names, sets = [f"task{i}" for i in range(len(targets))], list(targets)
+    else:
+        names, sets = ["target"], [targets]
+    if not sets or not all(isinstance(ds, Dataset) and len(ds) for ds in sets):
+        raise TypeError("g2is: targets must be a non-empty datasets.Dataset, a list of them, or a {name: Dataset}")
+    return names, sets
 
 
 def select_g2is(
@@ -583,6 +596,11 @@ def select_g2is(
     use_graph: bool = True,
     graph: str = "lazy",
     center: bool = True,
+    preconditioner: str = "adam",
+    k: int | None = 8192,
+    steps: Sequence[int] | None = None,
+    batch_size: int = 16,
+    max_length: int | None = 1024,
 ) -> Selection:
     """G2IS: per core-knowledge component, a conflict-free gradient walk over a kNN graph.
 
@@ -598,17 +616,27 @@ def select_g2is(
         use_graph: False runs the "w/o graph" ablation (top aligned rows per component).
         graph: "lazy" (neighbour lists for visited rows only) or "full" (whole graph up front).
         center: centre the target features before PCA (standard PCA).
+        preconditioner: train features: "adam" (bias-corrected Adam update, the default),
+            "adam_reference" (the LESS reference form) or "none" (plain gradients).
+        k, steps, batch_size, max_length: passed to the featurizer (projection dimension,
+            snapshot steps to use, batching, truncation); features are cached in the store.
+
+    Several snapshots: rows are combined as `concat_t sqrt(w_t) · unit_t` with the featurizer's
+    learning-rate weights `w_t`, so every inner product is LESS's LR-weighted cosine.
 
     Rows get as score their cosine with the component they were chosen for. Fewer rows than
     the budget are returned when the walk runs out of rows that fit; `info["shortfall"]`
     says how many, and a warning is raised.
     """
     names, task_sets = _task_list(targets)
-    train, target_feats, feature_info = _load_features(ctx, task_sets)
+    train, target_feats, weights, feature_info = _load_features(
+        ctx, task_sets, preconditioner=preconditioner, k=k, steps=steps, batch_size=batch_size, max_length=max_length
+    )
     result = g2is_arrays(
         train,
         target_feats,
         ctx.budget,
+        snapshot_weights=weights,
         variance_share=variance_share,
         delta=delta,
         num_neighbors=num_neighbors,
@@ -636,12 +664,42 @@ def select_g2is(
             "use_graph": use_graph,
             "graph": graph,
             "center": center,
+            "preconditioner": preconditioner,
+            "k": k,
+            "steps": None if steps is None else list(steps),
             "targets": names,
         },
         info=info,
     )
 
 
-def _load_features(ctx: SelectionContext, task_sets: list[Any]) -> tuple[np.ndarray, list[np.ndarray], dict]:
-    """Adam-preconditioned train features and plain target features, snapshots combined (see module doc)."""
-    raise NotImplementedError("g2is: the gradient featurizer is not wired in yet")
+def _load_features(
+    ctx: SelectionContext, task_sets: list[Any], **feature_args: Any
+) -> tuple[list[np.ndarray], list[np.ndarray], list[float], dict[str, Any]]:
+    """Per-snapshot Adam-preconditioned train features, snapshot-combined plain target features per task.
+
+    Both come from the featurizer's cache in the store (computed there when missing). Train
+    features stay per snapshot (memory-mapped) so they are normalized and combined only once.
+    """
+    from ..featurize import check_same_space, gradient_features
+
+    store = ctx.require_store("g2is")
+    preconditioner = feature_args.pop("preconditioner")
+    if preconditioner not in ("adam", "adam_reference", "none"):
+        raise ValueError(f"g2is: preconditioner must be 'adam', 'adam_reference' or 'none', not {preconditioner!r}")
+    train = gradient_features(store, ctx.dataset, preconditioner=preconditioner, **feature_args)
+    targets = [gradient_features(store, ds, preconditioner="none", **feature_args) for ds in task_sets]
+    for task in targets:
+        if [fs.step for fs in task] != [fs.step for fs in train]:
+            raise ValueError("g2is: train and target features come from different snapshots")
+        for tr, tg in zip(train, task):
+            check_same_space(tr, tg)
+    weights = [fs.weight for fs in train]
+    target_feats = [combine_snapshots([fs.unit for fs in task], weights)[0] for task in targets]
+    info = {
+        "snapshots": [fs.step for fs in train],
+        "snapshot_weights": weights,
+        "feature_dims": int(sum(fs.unit.shape[1] for fs in train)),
+        "preconditioner": preconditioner,
+    }
+    return [fs.unit for fs in train], target_feats, weights, info
