@@ -93,9 +93,10 @@ class LossRecorderCallback(TrainerCallback):
             return
         row_ids, self._pending_rows = self._pending_rows, None
         loss = per_sample_loss(outputs, labels=kwargs.get("labels"), shift_labels=kwargs.get("shift_labels"))
-        self._rows.append(row_ids.detach().cpu())
+        # kept on the device until a flush: no host sync on the training step
+        self._rows.append(row_ids.detach())
         self._steps.append(torch.full_like(self._rows[-1], self._state.global_step))
-        self._losses.append(loss.detach().cpu())
+        self._losses.append(loss.detach())
 
     # -- events -------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
@@ -174,9 +175,9 @@ class LossRecorderCallback(TrainerCallback):
         if not self._rows:
             return {k: v.copy() for k, v in _EMPTY.items()}
         return {
-            "row_id": torch.cat(self._rows).numpy().astype(np.int64),
-            "step": torch.cat(self._steps).numpy().astype(np.int64),
-            "loss": torch.cat(self._losses).numpy().astype(np.float32),
+            "row_id": torch.cat(self._rows).cpu().numpy().astype(np.int64),
+            "step": torch.cat(self._steps).cpu().numpy().astype(np.int64),
+            "loss": torch.cat(self._losses).cpu().numpy().astype(np.float32),
         }
 
     def _flush(self, args, state) -> None:
