@@ -12,6 +12,8 @@ from .selector import DataSelector
 from .spectra import GradientSpectra as GradientSpectra
 from .spectra import gradient_spectra as gradient_spectra
 from .store import RunStore, StoreError
+from .swift import SwiftReport as SwiftReport
+from .swift import swift_study as swift_study
 
 __all__ = [
     "METHODS",

@@ -29,6 +29,10 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
+from datasets import Dataset
+
+from .featurize import check_same_space, gradient_features
+from .store import RunStore
 
 DEFAULT_NEAR_ZERO = 1e-3
 TABLE_COLUMNS = (
@@ -301,3 +305,157 @@ class SwiftReport:
             settings["near_zero"] if near_zero is None else near_zero,
             settings.get("info"),
         )
+
+
+# -- the study ------------------------------------------------------------------------------
+def swift_study(
+    out: str | os.PathLike | RunStore,
+    probes: Dataset,
+    evals: Dataset,
+    *,
+    steps: Sequence[int] | None = None,
+    projection_dim: int | None = None,
+    projection_seed: int = 0,
+    near_zero: float = DEFAULT_NEAR_ZERO,
+    batch_size: int = 16,
+    max_length: int | None = 1024,
+    task_column: str = "task",
+    strategy_column: str = "strategy",
+    model: torch.nn.Module | None = None,
+    tokenizer=None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> SwiftReport:
+    """Score strategy probes against evaluation examples at every snapshot of a recorded run.
+
+    Args:
+        out: the run's `output_dir` (or its `RunStore`), recorded with `SnapshotCallback`.
+        probes: examples (`prompt`/`completion` or `text`) with a `task` and a `strategy` column
+            (e.g. "direct", "cot"); include the plain strategy to compare against.
+        evals: examples with a `task` column, from the tasks you care about.
+        steps: snapshot steps to use (default: all).
+        projection_dim: `None` for exact gradients of every trainable weight; an int to score
+            seeded random projections of that size (for models too big for exact inner products).
+        near_zero: an eval is left out at a snapshot when its ⟨g(e), g(e)⟩ is at most this
+            fraction of the median over evals there (it is already learned; RelInf would explode).
+        batch_size, max_length: batching and truncation of the gradient passes.
+        model, tokenizer, device: overrides; by default rebuilt from the store.
+
+    Gradients come from `hf_datasel.featurize.gradient_features` (plain, i.e. no preconditioner,
+    stored as float32 and cached in the store), so a second study on the same rows is free.
+    """
+    store = out if isinstance(out, RunStore) else RunStore.for_output_dir(out)
+    check_study_columns(probes, evals, task_column, strategy_column)
+    common = dict(
+        preconditioner="none",
+        k=projection_dim,
+        seed=projection_seed,
+        dtype="float32",
+        steps=steps,
+        batch_size=batch_size,
+        max_length=max_length,
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
+        progress=progress,
+    )
+    probe_sets = gradient_features(store, probes, **common)
+    eval_sets = gradient_features(store, evals, **common)
+    scores, norm2 = [], []
+    for p, e in zip(probe_sets, eval_sets):
+        check_same_space(p, e)
+        s, n = relinf(torch.from_numpy(p.raw()), torch.from_numpy(e.raw()))
+        scores.append(s.numpy())
+        norm2.append(n.numpy())
+    spec = probe_sets[0].spec
+    info = {
+        "run": str(store.path),
+        "gradients": "exact" if projection_dim is None else f"projected ({spec.kind}, k={spec.k}, seed={spec.seed})",
+        "trainable_parameters": spec.num_params,
+        "max_length": max_length,
+    }
+    return SwiftReport(
+        [p.step for p in probe_sets],
+        np.stack(scores),
+        np.stack(norm2),
+        probes[task_column],
+        probes[strategy_column],
+        evals[task_column],
+        near_zero,
+        info,
+    )
+
+
+# -- inputs ---------------------------------------------------------------------------------
+def load_rows(path: str | os.PathLike) -> Dataset:
+    """A dataset from a file (`.jsonl`/`.json`, `.csv`, `.parquet`) or a `save_to_disk` folder."""
+    from datasets import load_from_disk
+
+    path = Path(path)
+    if path.is_dir():
+        loaded = load_from_disk(str(path))
+        if not isinstance(loaded, Dataset):
+            raise ValueError(f"{path} holds a DatasetDict; save one split (a Dataset) for the Swift Study.")
+        return loaded
+    readers = {".jsonl": Dataset.from_json, ".json": Dataset.from_json, ".csv": Dataset.from_csv}
+    readers[".parquet"] = Dataset.from_parquet
+    if path.suffix not in readers:
+        raise ValueError(f"Cannot read {path}: give a .jsonl, .json, .csv or .parquet file, or a save_to_disk folder.")
+    if not path.exists():
+        raise FileNotFoundError(path)
+    return readers[path.suffix](str(path))
+
+
+def check_study_columns(probes: Dataset, evals: Dataset, task_column: str, strategy_column: str) -> None:
+    """Probes need the example (prompt/completion or text), a task and a strategy; evals the example and a task."""
+    for name, ds, needed in (
+        ("probes", probes, (task_column, strategy_column)),
+        ("evals", evals, (task_column,)),
+    ):
+        columns = set(ds.column_names)
+        if len(ds) == 0:
+            raise ValueError(f"The {name} dataset is empty.")
+        missing = [c for c in needed if c not in columns]
+        if missing:
+            raise ValueError(f"The {name} dataset needs the column(s) {missing}; it has {sorted(columns)}.")
+        if not ({"prompt", "completion"} <= columns or "text" in columns):
+            raise ValueError(
+                f"The {name} dataset needs 'prompt' and 'completion' columns (or 'text'); it has {sorted(columns)}."
+            )
+
+
+# -- command line -----------------------------------------------------------------------------
+def run_swift_cli(
+    run_dir: str | os.PathLike,
+    probes_path: str | os.PathLike,
+    evals_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    steps: Sequence[int] | None = None,
+    projection_dim: int | None = None,
+    near_zero: float = DEFAULT_NEAR_ZERO,
+    band: Literal["sem", "std"] = "sem",
+    batch_size: int = 16,
+    task_column: str = "task",
+    strategy_column: str = "strategy",
+) -> dict[str, Path]:
+    """`hf-datasel swift RUN_DIR PROBES EVALS OUT_DIR`: run a Swift Study and write its table, scores and plot.
+
+    Writes `swift_table.csv`, `swift_table.json`, `swift_scores.npz` and `swift.png` under
+    `out_dir`; returns their paths (keys "csv", "json", "scores", "png").
+    """
+    report = swift_study(
+        run_dir,
+        probes=load_rows(probes_path),
+        evals=load_rows(evals_path),
+        steps=steps,
+        projection_dim=projection_dim,
+        near_zero=near_zero,
+        batch_size=batch_size,
+        task_column=task_column,
+        strategy_column=strategy_column,
+    )
+    paths = report.save(out_dir)
+    paths["png"] = Path(out_dir) / "swift.png"
+    report.plot(paths["png"], band=band)
+    return paths

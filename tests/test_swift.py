@@ -94,3 +94,107 @@ def test_report_save_load_plot(tmp_path):
     report.plot(png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Left out as already learned" in report.summary()
+
+
+# -- RelInf against an independent autograd loop, at real snapshot weights ------------------------
+def _probes_and_evals():
+    from datasets import Dataset
+
+    probes = Dataset.from_dict(
+        {
+            "prompt": ["add 3+4=", "add 3+4=", "rev abc=", "rev abc=", "copy dab="],
+            "completion": ["7", "3+4=7 so 7", "cba", "c b a so cba", "dab"],
+            "task": ["add", "add", "reverse", "reverse", "copy"],
+            "strategy": ["direct", "cot", "direct", "cot", "direct"],
+        }
+    )
+    evals = Dataset.from_dict(
+        {
+            "prompt": ["add 12+5=", "rev hgfe=", "copy kjl=", "add 1+1="],
+            "completion": ["17", "efgh", "kjl", "2"],
+            "task": ["add", "reverse", "copy", "add"],
+        }
+    )
+    return probes, evals
+
+
+@pytest.fixture(scope="module")
+def snapshot_run(tmp_path_factory, tokenizer, pool):
+    from trl import SFTTrainer
+
+    from hf_datasel import SnapshotCallback
+    from hf_datasel.synthetic import build_model
+    from tests.conftest import sft_config
+
+    out = tmp_path_factory.mktemp("swift_run")
+    trainer = SFTTrainer(
+        model=build_model(tokenizer, seed=0),
+        args=sft_config(out, max_steps=4, learning_rate=3e-3),
+        train_dataset=pool,
+        processing_class=tokenizer,
+        callbacks=[SnapshotCallback(steps=[1, 4])],
+    )
+    trainer.train()
+    return out
+
+
+def _loop_gradients(model, tokenizer, dataset) -> torch.Tensor:
+    """One row at a time: loss.backward() of the model's own loss, flattened over trainable parameters."""
+    from hf_datasel.data import pad_batch, tokenize_rows
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = []
+    for row in tokenize_rows(dataset, tokenizer, max_length=1024):
+        model.zero_grad()
+        model(**pad_batch([row], tokenizer.pad_token_id)).loss.backward()
+        out.append(torch.cat([p.grad.detach().flatten().double() for p in params]))
+    return torch.stack(out)
+
+
+def test_relinf_equals_one_at_a_time_autograd(snapshot_run, tokenizer):
+    from safetensors.torch import load_file
+
+    from hf_datasel import swift_study
+    from hf_datasel.synthetic import build_model
+
+    probes, evals = _probes_and_evals()
+    report = swift_study(snapshot_run, probes=probes, evals=evals, batch_size=3)
+    assert report.steps.tolist() == [1, 4] and report.info["gradients"] == "exact"
+    files = sorted((snapshot_run / "datasel" / "snapshots").glob("step-*.safetensors"))
+    assert len(files) == 2
+    for t, path in enumerate(files):
+        model = build_model(tokenizer, seed=123)  # other initial weights: everything comes from the snapshot
+        weights = {k.removeprefix("param::"): v for k, v in load_file(str(path)).items() if k.startswith("param::")}
+        missing = set(dict(model.named_parameters())) - set(weights)
+        assert not missing
+        model.load_state_dict(weights, strict=False)
+        model.eval()
+        gp, ge = _loop_gradients(model, tokenizer, probes), _loop_gradients(model, tokenizer, evals)
+        expected = (gp @ ge.T) / (ge * ge).sum(1)
+        np.testing.assert_allclose(report.scores[t], expected.numpy(), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(report.eval_norm2[t], (ge * ge).sum(1).numpy(), rtol=1e-4)
+    assert report.scores[1].std() > 0 and not np.allclose(report.scores[0], report.scores[1])
+    table = report.table
+    assert len(table) == 4 and set(table["strategy"]) == {"direct", "cot"}
+    cot = table[(table.step == 4) & (table.strategy == "cot")].iloc[0]
+    assert (cot.in_task_pairs, cot.cross_task_pairs) == (3, 5)  # add→2 add evals, rev→1 rev eval; 8 pairs in all
+
+
+def test_projected_relinf_tracks_exact(snapshot_run):
+    from hf_datasel import swift_study
+
+    probes, evals = _probes_and_evals()
+    exact = swift_study(snapshot_run, probes=probes, evals=evals, steps=[4])
+    projected = swift_study(snapshot_run, probes=probes, evals=evals, steps=[4], projection_dim=4096)
+    assert projected.info["gradients"].startswith("projected") and "k=4096" in projected.info["gradients"]
+    assert np.corrcoef(exact.scores.ravel(), projected.scores.ravel())[0, 1] > 0.95
+
+
+def test_study_column_errors(snapshot_run):
+    from hf_datasel import swift_study
+
+    probes, evals = _probes_and_evals()
+    with pytest.raises(ValueError, match="strategy"):
+        swift_study(snapshot_run, probes=probes.remove_columns("strategy"), evals=evals)
+    with pytest.raises(ValueError, match="task"):
+        swift_study(snapshot_run, probes=probes, evals=evals.remove_columns("task"))
