@@ -219,3 +219,46 @@ def test_rows_without_features_are_never_chosen():
     result = g2is_arrays(train, targets, 10, num_neighbors=6)
     assert not set(result.walk.indices.tolist()) & {3, 5, 7}
     assert int((~result.valid).sum()) == 3
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_end_to_end_through_selector(tmp_path, tokenizer):
+    import warnings
+
+    from hf_datasel.featurize import gradient_features
+    from hf_datasel.methods.g2is import combine_snapshots
+    from hf_datasel.selector import DataSelector
+    from hf_datasel.synthetic import make_pool
+    from tests.gradient_store import make_snapshot_store
+
+    pool = make_pool(40, seed=1)
+    store, _ = make_snapshot_store(tmp_path, tokenizer, pool)
+    if not store.exists():  # snapshots only (no loss recorder): the selector still wants a manifest
+        store.write_manifest({"model": "tiny-llama"})
+    targets = make_pool(10, tasks=("add", "reverse"), seed=7)
+    selector = DataSelector(pool, store)
+    feature_args = dict(k=64, batch_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a shortfall warning is allowed here; it is checked through info
+        sel = selector.run("g2is", budget=8, targets=targets, **feature_args)
+        again = selector.run("g2is", budget=8, targets=targets, **feature_args)
+        subset = selector.select("g2is", budget=8, targets=targets, use_graph=False, **feature_args)
+    np.testing.assert_array_equal(sel.indices, again.indices)
+    assert sel.params["targets"] == ["add", "reverse"] and sel.params["steps"] == [2, 4]
+    assert len(sel.indices) + sel.info["shortfall"] == 8
+    assert sum(c["budget"] for c in sel.info["components"]) == 8
+    assert {c["task"] for c in sel.info["components"]} == {"add", "reverse"}
+    assert len(subset) == 8 and subset.column_names == pool.column_names
+
+    # the same selection from the cached features by hand: Adam train features, plain target features
+    train = gradient_features(store, pool, preconditioner="adam", seed=0, progress=False, **feature_args)
+    target = gradient_features(store, targets, preconditioner="none", seed=0, progress=False, **feature_args)
+    weights = [fs.weight for fs in train]
+    combined = combine_snapshots([fs.unit for fs in target], weights)[0]
+    task = np.asarray(targets["task"])
+    by_hand = g2is_arrays(
+        [fs.unit for fs in train], [combined[task == "add"], combined[task == "reverse"]], 8, snapshot_weights=weights
+    )
+    np.testing.assert_array_equal(sel.indices, np.sort(by_hand.walk.indices))

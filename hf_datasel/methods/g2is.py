@@ -32,7 +32,7 @@ import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -503,7 +503,7 @@ def g2is_arrays(
     num_neighbors: int = 32,
     conflict_across_components: bool = True,
     use_graph: bool = True,
-    graph: str = "lazy",
+    graph: Literal["lazy", "full"] = "lazy",
     center: bool = True,
     chunk_rows: int = 1024,
 ) -> G2ISResult:
@@ -572,66 +572,108 @@ def describe(result: G2ISResult, task_names: Sequence[str]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the registered method
 
 
-def _task_list(targets: Any) -> tuple[list[str], list[Any]]:
+def _load_features(
+    ctx: SelectionContext, targets: Any, task_column: str | None, **feature_args: Any
+) -> tuple[list[np.ndarray], list[float], list[np.ndarray], list[str], dict[str, Any]]:
+    """Per-snapshot Adam-preconditioned train features, snapshot-combined plain target features per task.
+
+    Both come from the featurizer's cache in the store (computed there when missing), with the
+    same arguments LESS uses, so the two methods share cached features. Train features stay
+    per snapshot (memory-mapped) so they are normalized and combined once, in `g2is_arrays`.
+    """
     from datasets import Dataset
 
+    from ..featurize import check_same_space, gradient_features
+
+    store = ctx.require_store("g2is")
     if isinstance(targets, Mapping):
-        names, sets = [str(k) for k in targets], list(targets.values())
-    elif isinstance(targets, (list, tuple)):
-        names, sets = [f"task{i}" for i in range(len(targets))], list(targets)
+        named = {str(name): ds for name, ds in targets.items()}
     else:
-        names, sets = ["target"], [targets]
-    if not sets or not all(isinstance(ds, Dataset) and len(ds) for ds in sets):
-        raise TypeError("g2is: targets must be a non-empty datasets.Dataset, a list of them, or a {name: Dataset}")
-    return names, sets
+        named = {"target": targets}
+    if not named or not all(isinstance(ds, Dataset) and len(ds) > 0 for ds in named.values()):
+        raise ValueError("g2is: targets must be a non-empty datasets.Dataset or a {task name: Dataset} mapping")
+    adam_form = feature_args.pop("adam_form")
+    train = gradient_features(store, ctx.dataset, preconditioner=adam_form, **feature_args)
+    weights = [fs.weight for fs in train]
+    names: list[str] = []
+    target_feats: list[np.ndarray] = []
+    for name, ds in named.items():
+        feats = gradient_features(store, ds, preconditioner="none", **feature_args)
+        if [fs.step for fs in feats] != [fs.step for fs in train]:
+            raise ValueError("g2is: train and target features come from different snapshots")
+        for tr, tg in zip(train, feats):
+            check_same_space(tr, tg)
+        combined = combine_snapshots([fs.unit for fs in feats], weights)[0]
+        if task_column is not None and task_column in ds.column_names:
+            tasks = np.asarray(ds[task_column], dtype=object)
+            for task in sorted(set(tasks.tolist()), key=str):
+                names.append(str(task) if len(named) == 1 else f"{name}/{task}")
+                target_feats.append(combined[tasks == task])
+        else:
+            names.append(name)
+            target_feats.append(combined)
+    info = {
+        "snapshots": [{"step": fs.step, "weight": fs.weight, "lr_mean": fs.lr_mean} for fs in train],
+        "feature_dims": int(sum(fs.unit.shape[1] for fs in train)),
+        "spec": train[0].spec.to_dict() | {"param_names": len(train[0].spec.param_names)},
+    }
+    return [fs.unit for fs in train], weights, target_feats, names, info
 
 
 def select_g2is(
     ctx: SelectionContext,
     targets: Any,
+    task_column: str | None = "task",
     variance_share: float = 0.5,
     delta: float = 0.8,
     num_neighbors: int = 32,
     conflict_across_components: bool = True,
     use_graph: bool = True,
-    graph: str = "lazy",
+    graph: Literal["lazy", "full"] = "lazy",
     center: bool = True,
-    preconditioner: str = "adam",
     k: int | None = 8192,
+    projection_seed: int = 0,
+    projection: Literal["sparse", "rademacher", "gaussian"] = "sparse",
+    adam_form: Literal["adam", "adam_reference"] = "adam",
     steps: Sequence[int] | None = None,
     batch_size: int = 16,
     max_length: int | None = 1024,
+    model=None,
+    tokenizer=None,
 ) -> Selection:
-    """G2IS: per core-knowledge component, a conflict-free gradient walk over a kNN graph.
+    """G2IS: per core-knowledge component, a conflict-free gradient walk over a cosine kNN graph.
 
     Args:
-        targets: the target task's rows (a `datasets.Dataset`), a list of them, or a
-            `{name: Dataset}` mapping for several tasks at once (each task gets an equal share).
-        variance_share: keep principal components of the target features up to this share
-            of explained variance (0.5 in the paper).
-        delta: consistency factor δ; a step must keep `cos(sum, k_c) ≥ δ · previous`.
+        targets: target (validation) rows with `prompt`/`completion` (or `text`), or a
+            `{task name: Dataset}` mapping. Rows are grouped into tasks by `task_column` when a
+            dataset has it. Every task gets an equal share of the budget.
+        variance_share: keep principal components of each task's target features up to this
+            share of explained variance (0.5 in the paper); the task's share of the budget is
+            split across them in proportion to explained variance (largest remainder).
+        delta: consistency factor δ: each added row must keep `cos(sum, k_c) ≥ δ · previous`.
         num_neighbors: k of the cosine kNN graph.
         conflict_across_components: a row may not conflict with rows chosen for other
-            components either (True), or only within its own component (False).
-        use_graph: False runs the "w/o graph" ablation (top aligned rows per component).
-        graph: "lazy" (neighbour lists for visited rows only) or "full" (whole graph up front).
-        center: centre the target features before PCA (standard PCA).
-        preconditioner: train features: "adam" (bias-corrected Adam update, the default),
-            "adam_reference" (the LESS reference form) or "none" (plain gradients).
-        k, steps, batch_size, max_length: passed to the featurizer (projection dimension,
-            snapshot steps to use, batching, truncation); features are cached in the store.
+            components either (True), or only with those of its own component (False).
+        use_graph: False runs the paper's "w/o graph" ablation: per component, the top aligned rows.
+        graph: "lazy" (exact neighbour lists for visited rows only) or "full" (whole graph first).
+        center: centre target features before PCA (standard PCA).
+        k, projection_seed, projection, adam_form, steps, batch_size, max_length, model, tokenizer:
+            the gradient features, exactly as for LESS (cached in the store and shared with it).
 
     Several snapshots: rows are combined as `concat_t sqrt(w_t) · unit_t` with the featurizer's
     learning-rate weights `w_t`, so every inner product is LESS's LR-weighted cosine.
 
-    Rows get as score their cosine with the component they were chosen for. Fewer rows than
-    the budget are returned when the walk runs out of rows that fit; `info["shortfall"]`
-    says how many, and a warning is raised.
+    Each row's score is its cosine with the component it was chosen for. When the walk runs
+    out of rows that fit, fewer rows than the budget come back: `info["shortfall"]` (and each
+    component's entry in `info["components"]`) says how many, and a warning is raised.
     """
-    names, task_sets = _task_list(targets)
-    train, target_feats, weights, feature_info = _load_features(
-        ctx, task_sets, preconditioner=preconditioner, k=k, steps=steps, batch_size=batch_size, max_length=max_length
-    )
+    train, weights, target_feats, names, feature_info = _load_features(
+        ctx,
+        targets,
+        task_column,
+        k=k, seed=projection_seed, kind=projection, adam_form=adam_form, steps=steps, batch_size=batch_size,
+        max_length=max_length, model=model, tokenizer=tokenizer,
+    )  # fmt: skip
     result = g2is_arrays(
         train,
         target_feats,
@@ -649,7 +691,7 @@ def select_g2is(
     if info["shortfall"]:
         warnings.warn(
             f"g2is chose {len(result.walk.indices)} of {ctx.budget} rows: no remaining row fits the conflict and "
-            f"consistency rules (see Selection.info['components']).",
+            "consistency rules (see Selection.info['components']).",
             stacklevel=2,
         )
     return Selection(
@@ -657,6 +699,8 @@ def select_g2is(
         scores=result.walk.alignment,
         method="g2is",
         params={
+            "targets": names,
+            "task_column": task_column,
             "variance_share": variance_share,
             "delta": delta,
             "num_neighbors": num_neighbors,
@@ -664,42 +708,13 @@ def select_g2is(
             "use_graph": use_graph,
             "graph": graph,
             "center": center,
-            "preconditioner": preconditioner,
             "k": k,
-            "steps": None if steps is None else list(steps),
-            "targets": names,
+            "projection_seed": projection_seed,
+            "projection": projection,
+            "adam_form": adam_form,
+            "steps": [snap["step"] for snap in feature_info["snapshots"]],
+            "batch_size": batch_size,
+            "max_length": max_length,
         },
         info=info,
     )
-
-
-def _load_features(
-    ctx: SelectionContext, task_sets: list[Any], **feature_args: Any
-) -> tuple[list[np.ndarray], list[np.ndarray], list[float], dict[str, Any]]:
-    """Per-snapshot Adam-preconditioned train features, snapshot-combined plain target features per task.
-
-    Both come from the featurizer's cache in the store (computed there when missing). Train
-    features stay per snapshot (memory-mapped) so they are normalized and combined only once.
-    """
-    from ..featurize import check_same_space, gradient_features
-
-    store = ctx.require_store("g2is")
-    preconditioner = feature_args.pop("preconditioner")
-    if preconditioner not in ("adam", "adam_reference", "none"):
-        raise ValueError(f"g2is: preconditioner must be 'adam', 'adam_reference' or 'none', not {preconditioner!r}")
-    train = gradient_features(store, ctx.dataset, preconditioner=preconditioner, **feature_args)
-    targets = [gradient_features(store, ds, preconditioner="none", **feature_args) for ds in task_sets]
-    for task in targets:
-        if [fs.step for fs in task] != [fs.step for fs in train]:
-            raise ValueError("g2is: train and target features come from different snapshots")
-        for tr, tg in zip(train, task):
-            check_same_space(tr, tg)
-    weights = [fs.weight for fs in train]
-    target_feats = [combine_snapshots([fs.unit for fs in task], weights)[0] for task in targets]
-    info = {
-        "snapshots": [fs.step for fs in train],
-        "snapshot_weights": weights,
-        "feature_dims": int(sum(fs.unit.shape[1] for fs in train)),
-        "preconditioner": preconditioner,
-    }
-    return [fs.unit for fs in train], target_feats, weights, info
