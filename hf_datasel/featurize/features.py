@@ -352,7 +352,7 @@ def gradient_features(
     preconditioner: Preconditioner = "none",
     k: int | None = 8192,
     seed: int = 0,
-    kind: ProjectorKind = "rademacher",
+    kind: ProjectorKind = "sparse",
     dtype: str = "float16",
     steps: Sequence[int] | None = None,
     batch_size: int = 16,

@@ -1,0 +1,250 @@
+"""Per-sample gradient features: exactness, Adam preconditioning, projections, storage, resume, shards."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from hf_datasel.data import pad_batch, tokenize_rows
+from hf_datasel.featurize import (
+    Featurizer,
+    PerSampleGradients,
+    ProjectorSpec,
+    Snapshot,
+    SpecMismatchError,
+    adam_precondition,
+    check_same_space,
+    gradient_features,
+)
+from hf_datasel.featurize import features as features_module
+from hf_datasel.synthetic import build_model, make_pool
+from tests.gradient_store import lora_model, make_snapshot_store
+
+
+def _model(tokenizer, peft: bool):
+    model = build_model(tokenizer, seed=0)
+    return (lora_model(model) if peft else model).eval()
+
+
+def _loop_gradients(model, rows, pad_token_id, names) -> torch.Tensor:
+    """The reference: one row at a time, plain autograd, gradients concatenated in `names` order."""
+    params = dict(model.named_parameters())
+    out = []
+    for row in rows:
+        model.zero_grad()
+        model(**pad_batch([row], pad_token_id)).loss.backward()
+        out.append(torch.cat([params[n].grad.reshape(-1) for n in names]))
+    return torch.stack(out)
+
+
+@pytest.fixture(scope="module")
+def rows(tokenizer):
+    rows = tokenize_rows(make_pool(12, seed=3), tokenizer, 64)
+    assert len({len(r["input_ids"]) for r in rows}) >= 3  # rows of different lengths
+    return rows
+
+
+@pytest.mark.parametrize("peft", [True, False], ids=["lora", "full"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_exact_mode_equals_autograd_loop(tokenizer, rows, peft, padding_side):
+    model = _model(tokenizer, peft)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    spec = ProjectorSpec.create({n: p.shape for n, p in model.named_parameters() if p.requires_grad}, k=None)
+    assert spec.kind == "identity" and spec.k == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    featurizer = Featurizer(model, spec, "cpu")
+    featurizer.set_snapshot(None)
+    feats, loss, valid = featurizer.batch_features(pad_batch(rows, tokenizer.pad_token_id, padding_side))
+    reference = _loop_gradients(model, rows, tokenizer.pad_token_id, names)
+    assert valid.all()
+    assert reference.abs().max() > 0
+    torch.testing.assert_close(feats, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
+
+
+def test_full_model_covers_tied_embeddings_and_norms(tokenizer, rows):
+    model = _model(tokenizer, peft=False)
+    engine = PerSampleGradients(model)
+    assert "model.embed_tokens.weight" in engine.param_names  # tied with lm_head: one name, both uses
+    assert any("norm" in n for n in engine.param_names)
+    grads, _, valid = engine(**pad_batch(rows[:3], tokenizer.pad_token_id))
+    assert set(grads) == set(engine.param_names) and valid.all()
+
+
+def test_row_without_label_tokens_is_invalid(tokenizer, rows):
+    model = _model(tokenizer, peft=True)
+    engine = PerSampleGradients(model)
+    masked = {"input_ids": rows[0]["input_ids"], "labels": [-100] * len(rows[0]["input_ids"])}
+    grads, loss, valid = engine(**pad_batch([masked, rows[1]], tokenizer.pad_token_id))
+    assert valid.tolist() == [False, True] and torch.isnan(loss[0])
+    assert all(g[0].abs().max() == 0 for g in grads.values())
+
+
+def _fake_snapshot(model, step=3, seed=0) -> Snapshot:
+    gen = torch.Generator().manual_seed(seed)
+    params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    m = {n: torch.randn(p.shape, generator=gen) * 1e-3 for n, p in params.items()}
+    v = {n: torch.rand(p.shape, generator=gen) * 1e-5 for n, p in params.items()}
+    return Snapshot(step, 1e-3, 1e-3, (0.9, 0.99), 1e-6, step, params, m, v, {})
+
+
+@pytest.mark.parametrize("form", ["adam", "adam_reference"])
+def test_adam_preconditioning_matches_independent_formula(tokenizer, rows, form):
+    model = _model(tokenizer, peft=True)
+    shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+    snapshot = _fake_snapshot(model)
+    featurizer = Featurizer(model, ProjectorSpec.create(shapes, k=None), "cpu")
+    featurizer.set_snapshot(snapshot, form)
+    feats, _, _ = featurizer.batch_features(pad_batch(rows, tokenizer.pad_token_id))
+    g = _loop_gradients(model, rows, tokenizer.pad_token_id, list(shapes)).double().numpy()
+    m = np.concatenate([snapshot.exp_avg[n].reshape(-1).double().numpy() for n in shapes])
+    v = np.concatenate([snapshot.exp_avg_sq[n].reshape(-1).double().numpy() for n in shapes])
+    m1, v1 = 0.9 * m + 0.1 * g, 0.99 * v + 0.01 * g**2
+    if form == "adam":
+        t = snapshot.optimizer_step + 1
+        expected = (m1 / (1 - 0.9**t)) / (np.sqrt(v1 / (1 - 0.99**t)) + 1e-6)
+    else:
+        expected = m1 / np.sqrt(v1 + 1e-8)
+    np.testing.assert_allclose(feats.double().numpy(), expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+
+
+def test_adam_precondition_rejects_unknown_form():
+    with pytest.raises(ValueError):
+        adam_precondition(torch.ones(1, 2), torch.zeros(2), torch.zeros(2), 0, (0.9, 0.99), 1e-8, form="sgd")
+
+
+def _cosines(x: np.ndarray) -> np.ndarray:
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return (u @ u.T)[np.triu_indices(len(x), 1)]
+
+
+@pytest.mark.parametrize("kind", ["sparse", "rademacher", "gaussian"])
+def test_projected_cosines_within_stated_tolerance(tokenizer, kind):
+    model = _model(tokenizer, peft=True)
+    shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+    rows = tokenize_rows(make_pool(40, seed=5), tokenizer, 64)
+    batch = pad_batch(rows, tokenizer.pad_token_id)
+    exact = Featurizer(model, ProjectorSpec.create(shapes, k=None), "cpu")
+    exact.set_snapshot(None)
+    x = exact.batch_features(batch)[0].double().numpy()
+    k = 512
+    spec = ProjectorSpec.create(shapes, k=k, seed=1, kind=kind)
+    projected = Featurizer(model, spec, "cpu")
+    projected.set_snapshot(None)
+    y = projected.batch_features(batch)[0].double().numpy()
+    err = _cosines(y) - _cosines(x)  # 780 pairs
+    assert np.all(np.abs(err) <= spec.cosine_tolerance())
+    assert np.sqrt(np.mean(err**2)) <= math.sqrt(2 / k)
+    # inner products too: relative to |x||y|, the same bound
+    ip_err = (y @ y.T - x @ x.T) / np.outer(np.linalg.norm(x, axis=1), np.linalg.norm(x, axis=1))
+    assert np.all(np.abs(ip_err) <= spec.cosine_tolerance())
+
+
+def test_projector_is_seeded_and_bounded(tokenizer):
+    model = _model(tokenizer, peft=True)
+    shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+    batch = pad_batch(tokenize_rows(make_pool(8, seed=2), tokenizer, 64), tokenizer.pad_token_id)
+    outs = []
+    for seed, cache in ((0, 1 << 30), (0, 0), (1, 1 << 30)):  # cache off: chunks regenerated, same numbers
+        f = Featurizer(model, ProjectorSpec.create(shapes, k=64, seed=seed, kind="rademacher"), "cpu")
+        f.projector.cache_bytes = cache
+        f.set_snapshot(None)
+        outs.append(f.batch_features(batch)[0])
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.allclose(outs[0], outs[2])
+    big = ProjectorSpec.create({"w": (1 << 20,)}, k=4096, kind="rademacher")
+    assert big.chunk_rows * big.k <= 1 << 22  # a chunk, never the whole k x P matrix
+
+
+def test_store_features_same_seed_identical_different_spec_refused(tmp_path, tokenizer):
+    pool = make_pool(20, seed=1)
+    store, _ = make_snapshot_store(tmp_path, tokenizer, pool)
+    a = gradient_features(store, pool, k=128, seed=0, progress=False)
+    shutil.rmtree(store.path / "features")
+    b = gradient_features(store, pool, k=128, seed=0, progress=False)
+    assert [f.step for f in a] == [2, 4] and abs(sum(f.weight for f in a) - 1) < 1e-12
+    for fa, fb in zip(a, b):
+        assert fa.unit.dtype == np.float16 and fa.unit.shape == (20, 128)
+        np.testing.assert_array_equal(np.asarray(fa.unit), np.asarray(fb.unit))
+        np.testing.assert_array_equal(fa.norms, fb.norms)
+    c = gradient_features(store, pool, k=128, seed=1, progress=False)
+    d = gradient_features(store, pool, k=64, seed=0, progress=False)
+    for other in (c[0], d[0]):
+        with pytest.raises(SpecMismatchError):
+            check_same_space(a[0], other)
+    check_same_space(a[0], b[0])
+
+
+def test_stored_exact_features_match_loop_and_mark_undefined_rows(tmp_path, tokenizer):
+    pool = make_pool(10, seed=4)
+    pool = pool.add_item(
+        {"prompt": "copy " + "abcdefgh" * 8 + "=", "completion": "ab", "task": "copy", "is_noisy": False}
+    )
+    store, model = make_snapshot_store(tmp_path, tokenizer, pool, steps=(3,))
+    (fs,) = gradient_features(store, pool, k=None, dtype="float32", max_length=32, batch_size=4, progress=False)
+    assert np.isnan(fs.norms[-1]) and np.isnan(fs.unit[-1]).all()  # completion truncated away: undefined
+    model.eval()
+    rows = tokenize_rows(pool.select(range(10)), tokenizer, 32)
+    ref = _loop_gradients(model, rows, tokenizer.pad_token_id, list(fs.spec.param_names)).numpy()
+    np.testing.assert_allclose(fs.raw(np.arange(10)), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+_ORIGINAL_BATCH_FEATURES = features_module.Featurizer.batch_features
+
+
+class SimulatedInterruption(Exception):
+    pass
+
+
+def _count_batches(monkeypatch, fail_after: int | None = None) -> dict:
+    counter = {"n": 0}
+    original = _ORIGINAL_BATCH_FEATURES
+
+    def counting(self, batch):
+        if fail_after is not None and counter["n"] >= fail_after:
+            raise SimulatedInterruption("simulated interruption")
+        counter["n"] += 1
+        return original(self, batch)
+
+    monkeypatch.setattr(features_module.Featurizer, "batch_features", counting)
+    return counter
+
+
+def test_interrupted_featurization_resumes_without_recomputing(tmp_path, tokenizer, monkeypatch):
+    pool = make_pool(40, seed=6)
+    store, _ = make_snapshot_store(tmp_path, tokenizer, pool, steps=(2,))
+    reference_store = tmp_path / "reference"
+    shutil.copytree(store.path, reference_store)
+    counter = _count_batches(monkeypatch, fail_after=3)
+    with pytest.raises(SimulatedInterruption):
+        gradient_features(store, pool, k=64, batch_size=8, progress=False)
+    assert counter["n"] == 3
+    counter = _count_batches(monkeypatch)
+    (resumed,) = gradient_features(store, pool, k=64, batch_size=8, progress=False)
+    assert counter["n"] == 5 - 3  # 40 rows / 8 = 5 batches, 3 already done
+    counter["n"] = 0
+    gradient_features(store, pool, k=64, batch_size=8, progress=False)
+    assert counter["n"] == 0  # cached
+    from hf_datasel.store import RunStore
+
+    (full,) = gradient_features(RunStore(reference_store), pool, k=64, batch_size=8, progress=False)
+    np.testing.assert_array_equal(np.asarray(resumed.unit), np.asarray(full.unit))
+    np.testing.assert_array_equal(resumed.norms, full.norms)
+
+
+def test_two_shard_merge_equals_single_run(tmp_path, tokenizer):
+    from hf_datasel.store import RunStore
+
+    pool = make_pool(30, seed=7)
+    store, _ = make_snapshot_store(tmp_path, tokenizer, pool)
+    single_store = tmp_path / "single"
+    shutil.copytree(store.path, single_store)
+    assert gradient_features(store, pool, k=64, batch_size=4, shard=(0, 2), progress=False) is None
+    merged = gradient_features(store, pool, k=64, batch_size=4, shard=(1, 2), progress=False)
+    single = gradient_features(RunStore(single_store), pool, k=64, batch_size=4, progress=False)
+    for a, b in zip(merged, single):
+        np.testing.assert_array_equal(np.asarray(a.unit), np.asarray(b.unit))
+        np.testing.assert_array_equal(a.norms, b.norms)
+    assert not list(merged[0].path.glob("shard-*"))
