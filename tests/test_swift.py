@@ -198,3 +198,56 @@ def test_study_column_errors(snapshot_run):
         swift_study(snapshot_run, probes=probes.remove_columns("strategy"), evals=evals)
     with pytest.raises(ValueError, match="task"):
         swift_study(snapshot_run, probes=probes, evals=evals.remove_columns("task"))
+
+
+# -- the example and the command-line function ------------------------------------------------------
+def _load_example():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "swift_study.py"
+    spec = importlib.util.spec_from_file_location("swift_study_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_chain_of_thought_probes():
+    example = _load_example()
+    assert example.chain_of_thought("add", "add 27+15=", "42") == "7+5=12 20+10=30 30+12=42 so 42"
+    assert example.chain_of_thought("reverse", "rev abcd=", "dcba") == "d c b a so dcba"
+    probes = example.make_probes(per_task=2)
+    assert len(probes) == 16 and probes["strategy"].count("cot") == 8
+    assert (
+        probes.filter(lambda r: r["strategy"] == "cot")["prompt"]
+        == probes.filter(lambda r: r["strategy"] == "direct")["prompt"]
+    )  # the same questions, answered two ways
+    for row in probes.filter(lambda r: r["strategy"] == "cot"):
+        assert row["completion"].endswith(" so " + row["completion"].split(" so ")[-1])
+
+
+def test_example_runs_and_cli_writes_table_and_plot(tmp_path):
+    import json
+
+    import pandas as pd
+
+    from hf_datasel.swift import run_swift_cli
+
+    example = _load_example()
+    plot = tmp_path / "swift.png"
+    report = example.main(
+        tmp_path / "run", plot, max_steps=4, snapshots=2, train_rows=64, probes_per_task=1, evals_per_task=2
+    )
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report.table[["step", "strategy"]].values.tolist() == [[2, "direct"], [2, "cot"], [4, "direct"], [4, "cot"]]
+    counts = report.table[["in_task_pairs", "cross_task_pairs", "excluded_pairs"]].sum(axis=1)
+    assert (counts == 4 * 8).all()  # per strategy: 4 probes (one per task) x 8 evals
+    assert (tmp_path / "run" / "swift" / "swift_table.csv").exists()
+
+    run = tmp_path / "run"
+    paths = run_swift_cli(run, run / "probes.jsonl", run / "evals.jsonl", tmp_path / "cli", near_zero=0.01, band="std")
+    table = pd.read_csv(paths["csv"])
+    assert table.shape[0] == 4 and list(table.columns[:3]) == ["step", "strategy", "in_task_mean"]
+    np.testing.assert_allclose(table["in_task_mean"], report.with_near_zero(0.01).table["in_task_mean"], rtol=1e-6)
+    assert json.loads(paths["json"].read_text())["near_zero"] == 0.01
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
