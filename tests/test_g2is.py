@@ -67,6 +67,19 @@ def test_core_knowledge_components_at_variance_share():
     np.testing.assert_allclose(core.weights, [0.9, 0.1], atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(12, 30), (60, 5)], ids=["rows<dims", "rows>dims"])
+def test_core_knowledge_matches_an_svd(shape):
+    rng = np.random.default_rng(2)
+    targets = rng.normal(size=shape) * np.linspace(3, 0.5, shape[1]) + 1.0
+    unit_rows = l2_normalize(targets)[0].astype(np.float64)
+    _, sing, vt = np.linalg.svd(unit_rows - unit_rows.mean(axis=0), full_matrices=False)
+    ratio = sing**2 / (sing**2).sum()
+    core = core_knowledge(targets, variance_share=0.8)
+    r = num_components_for_share(ratio, 0.8)
+    np.testing.assert_allclose(core.explained_variance_ratio, ratio[:r], atol=1e-9)
+    np.testing.assert_allclose(np.abs((core.components @ vt[:r].T).diagonal()), 1.0, atol=1e-5)
+
+
 def test_components_point_along_the_mean_target():
     rng = np.random.default_rng(0)
     targets = rng.normal(size=(40, 6)) + np.array([3.0, -2.0, 0, 0, 1.0, 0])
