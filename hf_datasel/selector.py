@@ -142,3 +142,41 @@ class DataSelector:
         if not self.history:
             raise ValueError("No selection has been made yet.")
         return self.history[-1]
+
+    # -- sharing (implemented in hub.py) ------------------------------------------------
+    def save_selection(
+        self,
+        subset: Dataset,
+        directory: str | os.PathLike,
+        *,
+        record: SelectionRecord | None = None,
+        source_dataset: str | None = None,
+    ) -> os.PathLike:
+        """Write `subset` as `data/train-*.parquet` plus a dataset card `README.md` (readable by `load_dataset`)."""
+        from .hub import find_record, save_selection
+
+        return save_selection(subset, directory, record or find_record(self, subset), source_dataset)
+
+    def push_to_hub(
+        self,
+        subset: Dataset,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        record: SelectionRecord | None = None,
+        source_dataset: str | None = None,
+        commit_message: str | None = None,
+    ) -> str:
+        """Push `subset` and a dataset card saying how it was chosen to the dataset repo `repo_id`."""
+        from .hub import find_record, push_selection
+
+        return push_selection(
+            subset,
+            repo_id,
+            record or find_record(self, subset),
+            private=private,
+            token=token,
+            commit_message=commit_message,
+            source_dataset=source_dataset,
+        )

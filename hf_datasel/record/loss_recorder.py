@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -15,7 +16,12 @@ from ..store import RunStore
 from .per_sample_loss import per_sample_loss
 from .trainer_hooks import calling_trainer, gather_to_main, is_main_process, keep_row_ids, wait_for_everyone
 
-_EMPTY = {"row_id": np.zeros(0, np.int64), "step": np.zeros(0, np.int64), "loss": np.zeros(0, np.float32)}
+_EMPTY = {
+    "row_id": np.zeros(0, np.int64),
+    "step": np.zeros(0, np.int64),
+    "epoch": np.zeros(0, np.int64),
+    "loss": np.zeros(0, np.float32),
+}
 
 
 class LossRecorderCallback(TrainerCallback):
@@ -51,7 +57,7 @@ class LossRecorderCallback(TrainerCallback):
         self.store: RunStore | None = None
         self._state = None
         self._pending_rows: torch.Tensor | None = None
-        self._rows, self._steps, self._losses = [], [], []
+        self._rows, self._steps, self._epochs, self._losses = [], [], [], []
         self._previous = dict(_EMPTY)
         self._sweeps: dict[int, dict[str, np.ndarray]] = {}
         self._hooks = []
@@ -96,6 +102,8 @@ class LossRecorderCallback(TrainerCallback):
         # kept on the device until a flush: no host sync on the training step
         self._rows.append(row_ids.detach())
         self._steps.append(torch.full_like(self._rows[-1], self._state.global_step))
+        # the epoch tells accelerate's padding (a row seen twice in one epoch) from a real second pass
+        self._epochs.append(torch.full_like(self._rows[-1], math.floor(self._state.epoch or 0)))
         self._losses.append(loss.detach())
 
     # -- events -------------------------------------------------------------------
@@ -110,6 +118,8 @@ class LossRecorderCallback(TrainerCallback):
         if resuming:
             previous = self.store.load_arrays(RunStore.LOSSES)
             keep = previous["step"] < state.global_step  # the steps after the checkpoint are trained again
+            if "epoch" not in previous:  # written before epochs were recorded: a step is its own epoch
+                previous["epoch"] = -1 - previous["step"]
             self._previous = {k: v[keep] for k, v in previous.items()}
             if self.store.has(RunStore.SWEEP):
                 sweep = self.store.load_arrays(RunStore.SWEEP)
@@ -157,7 +167,9 @@ class LossRecorderCallback(TrainerCallback):
         model.eval()
         rows, losses = [], []
         try:
-            for batch in tqdm(loader, desc=f"loss sweep @ step {step}", disable=not is_main_process()):
+            for batch in tqdm(
+                loader, desc=f"loss sweep @ step {step}", disable=not is_main_process() or trainer.args.disable_tqdm
+            ):
                 row_ids = batch.pop(ROW_ID)
                 batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 outputs = model(**batch)
@@ -177,6 +189,7 @@ class LossRecorderCallback(TrainerCallback):
         return {
             "row_id": torch.cat(self._rows).cpu().numpy().astype(np.int64),
             "step": torch.cat(self._steps).cpu().numpy().astype(np.int64),
+            "epoch": torch.cat(self._epochs).cpu().numpy().astype(np.int64),
             "loss": torch.cat(self._losses).cpu().numpy().astype(np.float32),
         }
 
@@ -231,15 +244,21 @@ class LossRecorderCallback(TrainerCallback):
 
 
 def _dedup_records(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """One record per (row, step): accelerate pads the last batch with duplicates of earlier rows."""
+    """One record per (row, epoch), the first, ordered by (step, row).
+
+    Under several processes accelerate pads an epoch's last batch with rows from its start, so a
+    row can come back within the same epoch (or twice in one step); a one-process run with the
+    same global batch trains on it once, and so does the record.
+    """
     merged = {k: np.concatenate([p[k] for p in parts]) for k in _EMPTY}
-    order = np.lexsort((merged["row_id"], merged["step"]))
+    order = np.lexsort((merged["step"], merged["epoch"], merged["row_id"]))
     merged = {k: v[order] for k, v in merged.items()}
     if len(order):
         keep = np.ones(len(order), bool)
-        keep[1:] = (np.diff(merged["step"]) != 0) | (np.diff(merged["row_id"]) != 0)
+        keep[1:] = (np.diff(merged["row_id"]) != 0) | (np.diff(merged["epoch"]) != 0)
         merged = {k: v[keep] for k, v in merged.items()}
-    return merged
+    order = np.lexsort((merged["row_id"], merged["step"]))
+    return {k: v[order] for k, v in merged.items()}
 
 
 def _dedup_rows(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

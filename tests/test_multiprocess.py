@@ -1,0 +1,88 @@
+"""Two processes (torchrun, gloo, CPU) record the same store as one process with the same global batch.
+
+The warmup recipe runs twice on a 90-row pool: once as 1 process × 8 rows, once as 2 processes ×
+4 rows. Accelerate pads the 2-process epoch's last batch with 6 rows from its start; the record
+must not contain them. Up to the padded step the two runs train on the same rows with the same
+weights, so losses, sweeps and snapshots agree to float tolerance.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hf_datasel import RunStore
+
+pytestmark = pytest.mark.multiprocess
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+COMMON = [
+    "--tiny",
+    "--pool_size", "90",
+    "--max_steps", "13",  # one epoch of 12 steps (the last one padded under 2 processes), one step into the next
+    "--save_strategy", "steps",
+    "--save_steps", "6",
+    "--sweep_steps", "6",
+    "--snapshot_steps", "6",
+]  # fmt: skip
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mp")
+    script = str(RECIPES / "record_warmup.py")
+    one = [sys.executable, script, *COMMON, "--output_dir", str(out / "one"), "--per_device_train_batch_size", "8"]
+    two = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        script, *COMMON, "--output_dir", str(out / "two"), "--per_device_train_batch_size", "4",
+    ]  # fmt: skip
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+        for cmd in (one, two)
+    ]
+    for proc in procs:
+        log, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, log[-3000:]
+    return RunStore.for_output_dir(out / "one"), RunStore.for_output_dir(out / "two")
+
+
+def test_every_row_recorded_once_per_epoch(stores):
+    one, two = stores
+    assert two.manifest["training"]["world_size"] == 2 and one.manifest["training"]["world_size"] == 1
+    a, b = one.load_arrays("losses"), two.load_arrays("losses")
+    keys_a = list(zip(a["row_id"].tolist(), a["step"].tolist(), a["epoch"].tolist()))
+    keys_b = list(zip(b["row_id"].tolist(), b["step"].tolist(), b["epoch"].tolist()))
+    assert keys_a == keys_b, "same rows at the same steps, in the same (step, row) order, padding dropped"
+    first_epoch = a["epoch"] == 0
+    assert sorted(a["row_id"][first_epoch].tolist()) == list(range(90)), "epoch 0: every row exactly once"
+    assert (a["step"][~first_epoch] == 12).all() and (~first_epoch).sum() == 8
+    # before the padded step 11 was applied, both runs had the same weights
+    np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-4, atol=1e-5)
+    assert two.manifest["recorded"]["loss_records"] == one.manifest["recorded"]["loss_records"] == 98
+
+
+def test_rows_sweep_and_snapshots_match(stores):
+    one, two = stores
+    for key in ("row_id", "row_hash"):
+        assert np.array_equal(one.load_arrays("rows")[key], two.load_arrays("rows")[key])
+    sa, sb = one.load_arrays("sweep"), two.load_arrays("sweep")
+    assert sa["steps"].tolist() == sb["steps"].tolist() == [6]
+    assert sa["row_id"].tolist() == sb["row_id"].tolist() == list(range(90))
+    np.testing.assert_allclose(sb["loss"], sa["loss"], rtol=1e-4, atol=1e-5)
+    snap_a, snap_b = one.load_arrays("snapshots/step-000006"), two.load_arrays("snapshots/step-000006")
+    assert sorted(snap_a) == sorted(snap_b) and any(k.startswith("exp_avg_sq::") for k in snap_a)
+    for key in snap_a:
+        np.testing.assert_allclose(snap_b[key], snap_a[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    leftovers = [p.name for p in two.path.rglob("*.tmp")]
+    assert not leftovers, f"unfinished writes: {leftovers}"
