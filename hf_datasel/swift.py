@@ -111,7 +111,7 @@ def aggregate_relinf(
     spread is over pairs, which share probes and evals, so the sem is a lower bound on the
     uncertainty: read it as a size of the scatter, not as a test.
     """
-    scores = np.asarray(scores, np.float64)
+    scores, eval_norm2 = np.asarray(scores, np.float64), np.asarray(eval_norm2, np.float64)
     probe_tasks, probe_strategies = np.asarray(probe_tasks, str), np.asarray(probe_strategies, str)
     eval_tasks, steps = np.asarray(eval_tasks, str), np.asarray(steps, np.int64)
     T, P, E = scores.shape
@@ -193,6 +193,46 @@ class SwiftReport:
             self.info,
         )
 
+    def compare(self, baseline: str) -> pd.DataFrame:
+        """Each other strategy minus `baseline`, per step: in-task and cross-task mean differences, with sem.
+
+        The sem of a difference is `sqrt(sem_a² + sem_b²)`; a positive `cross_task_diff` reads
+        "this strategy's probes help the other tasks more than the baseline's".
+        """
+        if baseline not in self.strategies:
+            raise ValueError(f"no strategy {baseline!r}; the probes have {self.strategies}")
+        base = self.table[self.table["strategy"] == baseline].set_index("step")
+        rows = []
+        for strategy in self.strategies:
+            if strategy == baseline:
+                continue
+            mine = self.table[self.table["strategy"] == strategy].set_index("step")
+            for step in mine.index:
+                row = {"step": int(step), "strategy": strategy, "baseline": baseline}
+                for scope in ("in_task", "cross_task"):
+                    row[f"{scope}_diff"] = mine.at[step, f"{scope}_mean"] - base.at[step, f"{scope}_mean"]
+                    row[f"{scope}_diff_sem"] = float(
+                        np.hypot(mine.at[step, f"{scope}_sem"], base.at[step, f"{scope}_sem"])
+                    )
+                rows.append(row)
+        return pd.DataFrame(rows)
+
+    def by_task(self) -> pd.DataFrame:
+        """Mean RelInf per step, strategy, probe task and eval task (near-zero evals left out): what drives a score."""
+        rows = []
+        strategies, ptasks = np.asarray(self.probe_strategies), np.asarray(self.probe_tasks)
+        etasks = np.asarray(self.eval_tasks)
+        for t, step in enumerate(self.steps):
+            valid = ~self.excluded[t][None, :] & np.isfinite(self.scores[t])
+            for strategy in self.strategies:
+                for pt in dict.fromkeys(ptasks[strategies == strategy]):
+                    for et in dict.fromkeys(etasks):
+                        block = (strategies == strategy)[:, None] & (ptasks == pt)[:, None] & (etasks == et)[None, :]
+                        values = self.scores[t][block & valid]
+                        mean = float(values.mean()) if values.size else np.nan
+                        rows.append((int(step), strategy, pt, et, mean, int(values.size)))
+        return pd.DataFrame(rows, columns=["step", "strategy", "probe_task", "eval_task", "mean", "pairs"])
+
     def __repr__(self) -> str:
         return (
             f"SwiftReport(strategies={self.strategies}, steps={self.steps.tolist()}, probes={len(self.probe_tasks)}, "
@@ -221,10 +261,6 @@ class SwiftReport:
         """
         if band not in ("sem", "std"):
             raise ValueError(f"band must be 'sem' or 'std', not {band!r}")
-        import matplotlib
-
-        if path is not None:
-            matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)

@@ -66,6 +66,23 @@ def test_single_task_and_nonfinite_scores():
     assert np.isnan(row.in_task_std) and row.cross_task_pairs == 0 and np.isnan(row.cross_task_mean)
 
 
+def test_compare_and_by_task():
+    scores, norm2, pt, ps, et, steps = _hand_made()
+    report = SwiftReport(steps, scores, norm2, pt, ps, et)
+    diff = report.compare("direct")
+    assert diff[["step", "strategy", "baseline"]].values.tolist() == [[10, "cot", "direct"], [20, "cot", "direct"]]
+    t = report.table.set_index(["step", "strategy"])
+    assert diff.cross_task_diff.iloc[1] == pytest.approx(0.5 - t.at[(20, "direct"), "cross_task_mean"])
+    sems = t.at[(10, "cot"), "in_task_sem"], t.at[(10, "direct"), "in_task_sem"]
+    assert diff.in_task_diff_sem.iloc[0] == pytest.approx(np.hypot(*sems))
+    with pytest.raises(ValueError):
+        report.compare("clarify")
+    cells = report.by_task().set_index(["step", "strategy", "probe_task", "eval_task"])
+    assert cells.at[(10, "direct", "a", "a"), "mean"] == pytest.approx(2.0)  # probe 0 vs evals 0, 1
+    assert cells.at[(20, "direct", "a", "a"), "pairs"] == 1  # eval 1 left out at step 20
+    assert cells.at[(20, "cot", "b", "b"), "mean"] == pytest.approx(2.0)
+
+
 def test_relinf_formula():
     g = torch.Generator().manual_seed(0)
     probes = torch.randn(3, 7, generator=g, dtype=torch.float64)
