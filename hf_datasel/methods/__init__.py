@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from .base import Selection, SelectionContext
 from .g2is import select_g2is
+from .less import select_less
 from .loss import select_by_loss
 from .random import select_random
 from .s2l import select_s2l
@@ -19,6 +20,7 @@ METHODS: dict[str, Callable[..., Selection]] = {
     "random": select_random,
     "loss": select_by_loss,
     "s2l": select_s2l,
+    "less": select_less,
     "spectral": select_spectral,
     "g2is": select_g2is,
 }

@@ -1,0 +1,156 @@
+"""LESS: pick training rows whose (Adam-preconditioned) gradients align with the target tasks' gradients.
+
+For each snapshot t with learning-rate weight w_t (normalized to sum 1), a training row's score
+for task j is `w_t ×` the mean cosine between its Adam-preconditioned gradient feature and the
+plain gradient features of task j's target rows; the row's score is the max over tasks of the
+sum over snapshots. The `budget` highest-scoring rows are selected.
+
+Rows whose gradient is undefined (NaN: no label tokens, non-finite loss) or zero at any snapshot
+have no cosine; they are left out and counted in `info`, never given a made-up score. Target
+rows likewise drop out of their task's mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+from datasets import Dataset
+
+from ..featurize import FeatureSet, check_same_space, gradient_features
+from .base import Selection, SelectionContext
+
+CHUNK_ROWS = 1 << 15
+
+
+def less_scores(
+    train: Sequence[FeatureSet], targets: Sequence[FeatureSet], target_tasks: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, list, dict]:
+    """(score (N,), per-task scores (N, T), task names, info) from per-snapshot feature sets.
+
+    `train[i]` and `targets[i]` are the same snapshot; weights are `train[i].weight`. Rows left out
+    (undefined or zero gradient at some snapshot) have NaN scores.
+    """
+    if len(train) != len(targets) or not train:
+        raise ValueError("LESS needs train and target features at the same, non-empty list of snapshots")
+    tasks = sorted(set(target_tasks.tolist()), key=str)
+    n = train[0].num_rows
+    nan_rows = np.zeros(n, bool)
+    zero_rows = np.zeros(n, bool)
+    target_ok = np.ones(len(target_tasks), bool)
+    for tr, tg in zip(train, targets):
+        if tr.step != tg.step:
+            raise ValueError(f"train features of step {tr.step} paired with target features of step {tg.step}")
+        check_same_space(tr, tg)
+        nan_rows |= ~np.isfinite(tr.norms)
+        zero_rows |= tr.norms == 0
+        target_ok &= np.isfinite(tg.norms) & (tg.norms > 0)
+    zero_rows &= ~nan_rows
+    left_out = nan_rows | zero_rows
+    per_task = np.zeros((n, len(tasks)), np.float64)
+    target_counts = {}
+    usable_tasks = []
+    for j, task in enumerate(tasks):
+        members = np.flatnonzero((target_tasks == task) & target_ok)
+        target_counts[str(task)] = int(len(members))
+        if len(members) == 0:
+            per_task[:, j] = np.nan
+            continue
+        usable_tasks.append(task)
+        for tr, tg in zip(train, targets):
+            center = np.asarray(tg.unit[members], np.float64).mean(axis=0)  # mean of unit target features
+            for start in range(0, n, CHUNK_ROWS):
+                block = np.asarray(tr.unit[start : start + CHUNK_ROWS], np.float64)
+                per_task[start : start + CHUNK_ROWS, j] += tr.weight * (block @ center)
+    if not usable_tasks:
+        raise ValueError("LESS: no target row has a defined, non-zero gradient; nothing to align with.")
+    per_task[left_out] = np.nan
+    with np.errstate(all="ignore"):
+        usable = np.isfinite(per_task).any(axis=0)
+        score = np.where(left_out, np.nan, np.max(per_task[:, usable], axis=1))
+    info = {
+        "train_rows_nan": int(nan_rows.sum()),
+        "train_rows_zero_norm": int(zero_rows.sum()),
+        "target_rows_left_out": int((~target_ok).sum()),
+        "target_rows_per_task": target_counts,
+        "tasks_without_targets": [str(t) for t in tasks if t not in usable_tasks],
+        "snapshots": [{"step": t.step, "weight": t.weight, "lr_mean": t.lr_mean} for t in train],
+    }
+    return score, per_task, tasks, info
+
+
+def select_less(
+    ctx: SelectionContext,
+    targets: Dataset,
+    task_column: str | None = "task",
+    k: int | None = 8192,
+    projection_seed: int = 0,
+    projection: Literal["sparse", "rademacher", "gaussian"] = "sparse",
+    adam_form: Literal["adam", "adam_reference"] = "adam",
+    feature_dtype: Literal["float16", "float32"] = "float16",
+    steps: Sequence[int] | None = None,
+    batch_size: int = 16,
+    max_length: int | None = 1024,
+    model=None,
+    tokenizer=None,
+) -> Selection:
+    """The `budget` training rows with the highest LESS score against `targets`.
+
+    Args:
+        targets: target (validation) rows, with `prompt`/`completion` (or `text`); grouped into tasks
+            by `task_column` when the dataset has it (one task otherwise).
+        k, projection_seed, projection: the feature projection (`k=None`: exact gradients).
+        feature_dtype: storage dtype of the unit-normalized features.
+        adam_form: "adam" (bias-corrected, ε outside the root) or "adam_reference" (LESS code's form).
+        steps: snapshot steps to use (default: all snapshots of the run).
+        batch_size, max_length: featurization batching and truncation.
+        model, tokenizer: overrides of the model/tokenizer rebuilt from the store.
+
+    Features are computed when missing and cached in the store, so a second call is cheap.
+    """
+    store = ctx.require_store("less")
+    if not isinstance(targets, Dataset) or len(targets) == 0:
+        raise ValueError("less: targets must be a non-empty datasets.Dataset")
+    common = {
+        "k": k,
+        "seed": projection_seed,
+        "kind": projection,
+        "dtype": feature_dtype,
+        "steps": steps,
+        "batch_size": batch_size,
+        "max_length": max_length,
+        "model": model,
+        "tokenizer": tokenizer,
+    }
+    train = gradient_features(store, ctx.dataset, preconditioner=adam_form, **common)
+    target = gradient_features(store, targets, preconditioner="none", **common)
+    has_tasks = task_column is not None and task_column in targets.column_names
+    tasks = np.asarray(targets[task_column]) if has_tasks else np.zeros(len(targets), np.int64)
+    score, per_task, task_names, info = less_scores(train, target, tasks)
+    candidates = np.flatnonzero(np.isfinite(score))
+    ctx.check_budget(len(candidates), "less", "rows with a defined, non-zero gradient at every snapshot")
+    order = candidates[np.argsort(-score[candidates], kind="stable")]
+    chosen = order[: ctx.budget]
+    best = np.asarray(task_names, dtype=object)[np.nanargmax(per_task[chosen], axis=1)] if len(chosen) else []
+    info["tasks"] = [str(t) for t in task_names] if has_tasks else []
+    info["selected_per_best_task"] = {str(t): int(np.sum(best == t)) for t in task_names} if has_tasks else {}
+    info["spec"] = train[0].spec.to_dict() | {"param_names": len(train[0].spec.param_names)}
+    return Selection(
+        indices=chosen,
+        scores=score[chosen],
+        method="less",
+        params={
+            "task_column": task_column if has_tasks else None,
+            "num_targets": len(targets),
+            "k": k,
+            "projection_seed": projection_seed,
+            "projection": projection,
+            "adam_form": adam_form,
+            "feature_dtype": feature_dtype,
+            "steps": [t.step for t in train],
+            "batch_size": batch_size,
+            "max_length": max_length,
+        },
+        info=info,
+    )
