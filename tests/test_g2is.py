@@ -8,6 +8,7 @@ import pytest
 from hf_datasel.methods.g2is import (
     GraphNeighbors,
     LazyNeighbors,
+    combine_snapshots,
     core_knowledge,
     describe,
     g2is_arrays,
@@ -29,6 +30,21 @@ def walk(rows, components, budgets, k, delta=0.8, across=True, lazy=False):
     rows = np.asarray(rows, np.float32)
     nbrs = LazyNeighbors(rows, k) if lazy else GraphNeighbors(knn_graph(rows, k)[0])
     return gradient_walk(rows, np.asarray(components, np.float32), np.asarray(budgets), nbrs, delta, across)
+
+
+# ----------------------------------------------------------------------------- features
+
+
+def test_combined_snapshots_give_the_lr_weighted_cosine():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(5, 7)), rng.normal(size=(5, 4)) * 10
+    b[2] = np.nan  # undefined at one snapshot: left out altogether
+    combined, valid = combine_snapshots([a, b], [3.0, 1.0], chunk_rows=2)
+    assert valid.tolist() == [True, True, False, True, True] and not combined[2].any()
+    ua, ub = a / np.linalg.norm(a, axis=1, keepdims=True), b / np.linalg.norm(b, axis=1, keepdims=True)
+    expected = 0.75 * ua @ ua.T + 0.25 * ub @ ub.T
+    ok = np.flatnonzero(valid)
+    np.testing.assert_allclose((combined @ combined.T)[np.ix_(ok, ok)], expected[np.ix_(ok, ok)], atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- budget split and PCA
@@ -241,7 +257,6 @@ def test_end_to_end_through_selector(tmp_path, tokenizer):
     import warnings
 
     from hf_datasel.featurize import gradient_features
-    from hf_datasel.methods.g2is import combine_snapshots
     from hf_datasel.selector import DataSelector
     from hf_datasel.synthetic import make_pool
     from tests.gradient_store import make_snapshot_store

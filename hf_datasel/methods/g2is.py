@@ -49,57 +49,56 @@ _ANCHOR_BATCH = 256
 # ----------------------------------------------------------------------------- features
 
 
+def _normalize_block(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 unit rows of `block` and which rows were usable (finite, non-zero); unusable rows become 0."""
+    block = np.array(block, np.float32)
+    norms = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64))
+    ok = np.isfinite(block).all(axis=1) & np.isfinite(norms) & (norms > 0)
+    block[~ok] = 0.0
+    block[ok] /= norms[ok, None].astype(np.float32)
+    return block, ok
+
+
 def l2_normalize(features: np.ndarray, chunk_rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """Unit-norm float32 copy of `features` (read in chunks, so a memory-mapped fp16 file works).
 
     Returns `(normalized, valid)`: rows with a non-finite entry or zero norm are left as zeros
     and marked `valid=False`.
     """
-    features = np.asarray(features) if not isinstance(features, np.ndarray) else features
-    if features.ndim != 2:
-        raise ValueError(f"features must be 2-D (rows, dims), not shape {features.shape}")
-    out = np.empty(features.shape, np.float32)
-    valid = np.zeros(len(features), bool)
-    for lo in range(0, len(features), chunk_rows):
-        block = np.array(features[lo : lo + chunk_rows], np.float32)
-        norms = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64))
-        ok = np.isfinite(block).all(axis=1) & np.isfinite(norms) & (norms > 0)
-        block[~ok] = 0.0
-        block[ok] /= norms[ok, None].astype(np.float32)
-        out[lo : lo + len(block)] = block
-        valid[lo : lo + len(block)] = ok
-    return out, valid
+    return combine_snapshots([features], None, chunk_rows)
 
 
 def combine_snapshots(
     per_snapshot: Sequence[np.ndarray], weights: Sequence[float] | None = None, chunk_rows: int = 4096
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One unit-norm row per example from features at several snapshots.
+    """One unit-norm float32 row per example from features at several snapshots.
 
     Each snapshot's rows are normalized and scaled by `sqrt(w_t / Σw)`, then concatenated, so
     `<a, b> = Σ_t w_t cos_t(a, b)` (LESS's LR-weighted cosine). Returns `(features, valid)`;
-    a row is valid only if it is valid at every snapshot.
+    a row is valid only if it is valid at every snapshot (invalid rows are zeros). Inputs are
+    read `chunk_rows` at a time, so the only full-size allocation is the output.
     """
     if len(per_snapshot) == 0:
         raise ValueError("combine_snapshots needs at least one snapshot")
+    if any(np.ndim(f) != 2 for f in per_snapshot):
+        raise ValueError(f"features must be 2-D (rows, dims), not shapes {[np.shape(f) for f in per_snapshot]}")
     w = np.ones(len(per_snapshot)) if weights is None else np.asarray(weights, np.float64)
     if len(w) != len(per_snapshot) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
         raise ValueError(f"snapshot weights must be {len(per_snapshot)} finite non-negative numbers, not {weights}")
-    w = w / w.sum()
+    scale = np.sqrt(w / w.sum()).astype(np.float32)
     rows = {len(f) for f in per_snapshot}
     if len(rows) != 1:
         raise ValueError(f"every snapshot must have the same rows; got row counts {sorted(rows)}")
-    if len(per_snapshot) == 1:
-        return l2_normalize(per_snapshot[0], chunk_rows)
-    dims = [f.shape[1] for f in per_snapshot]
-    out = np.empty((rows.pop(), sum(dims)), np.float32)
-    valid = np.ones(len(out), bool)
-    col = 0
-    for f, wt, d in zip(per_snapshot, w, dims):
-        normed, ok = l2_normalize(f, chunk_rows)
-        out[:, col : col + d] = normed * np.float32(math.sqrt(wt))
-        valid &= ok
-        col += d
+    n = rows.pop()
+    bounds = np.cumsum([0] + [f.shape[1] for f in per_snapshot])
+    out = np.empty((n, bounds[-1]), np.float32)
+    valid = np.ones(n, bool)
+    for lo in range(0, n, chunk_rows):
+        hi = min(lo + chunk_rows, n)
+        for t, f in enumerate(per_snapshot):
+            block, ok = _normalize_block(f[lo:hi])
+            out[lo:hi, bounds[t] : bounds[t + 1]] = block if len(per_snapshot) == 1 else block * scale[t]
+            valid[lo:hi] &= ok
     out[~valid] = 0.0
     return out, valid
 
