@@ -132,6 +132,8 @@ def main(
     evals.to_json(output_dir / "evals.jsonl")
     report = swift_study(output_dir, probes=probes, evals=evals, projection_dim=projection_dim)
     print(report.summary())
+    print("\ncot minus direct (positive cross_task_diff: chain-of-thought probes help the other tasks more):")
+    print(report.compare("direct").to_string(index=False, float_format="{:.4f}".format))
     report.save(output_dir / "swift")
     plot = Path(plot) if plot is not None else output_dir / "swift" / "swift.png"
     report.plot(plot, title="Swift Study on the synthetic tasks: chain-of-thought vs direct probes")

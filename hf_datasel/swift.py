@@ -248,7 +248,8 @@ class SwiftReport:
         return (
             f"Swift Study: RelInf = <g(probe), g(eval)> / <g(eval), g(eval)> over {len(self.steps)} snapshot(s), "
             f"{len(self.probe_tasks)} probes, {len(self.eval_tasks)} evals.\n{text}\n"
-            f"Left out as already learned (<g(e),g(e)> <= {self.near_zero:g} x median): {left_out} eval-snapshot(s)."
+            f"Left out (eval already learned: <g(e),g(e)> <= {self.near_zero:g} x median, or no gradient): "
+            f"{left_out} eval-snapshot(s)."
         )
 
     # -- plot ---------------------------------------------------------------------------
@@ -474,11 +475,14 @@ def run_swift_cli(
     batch_size: int = 16,
     task_column: str = "task",
     strategy_column: str = "strategy",
+    print_summary: bool = True,
 ) -> dict[str, Path]:
     """`hf-datasel swift RUN_DIR PROBES EVALS OUT_DIR`: run a Swift Study and write its table, scores and plot.
 
     Writes `swift_table.csv`, `swift_table.json`, `swift_scores.npz` and `swift.png` under
-    `out_dir`; returns their paths (keys "csv", "json", "scores", "png").
+    `out_dir`, prints the table (unless `print_summary=False`) and returns the paths (keys
+    "csv", "json", "scores", "png"). `steps` picks snapshots (default all); `projection_dim`
+    projects gradients (default exact); `near_zero` and `band` as in `swift_study` / `SwiftReport.plot`.
     """
     report = swift_study(
         run_dir,
@@ -494,4 +498,7 @@ def run_swift_cli(
     paths = report.save(out_dir)
     paths["png"] = Path(out_dir) / "swift.png"
     report.plot(paths["png"], band=band)
+    if print_summary:
+        print(report.summary())
+        print(f"Wrote {', '.join(str(p) for p in paths.values())}")
     return paths

@@ -110,7 +110,7 @@ def test_report_save_load_plot(tmp_path):
     png = tmp_path / "swift.png"
     report.plot(png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "Left out as already learned" in report.summary()
+    assert "Left out (eval already learned" in report.summary()
 
 
 # -- RelInf against an independent autograd loop, at real snapshot weights ------------------------
