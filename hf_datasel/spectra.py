@@ -74,11 +74,16 @@ def factored_singular_values(
         output_grads = torch.where(
             keep, output_grads, torch.zeros((), dtype=output_grads.dtype, device=output_grads.device)
         )
-    return _core_singular_values(_r_factor(output_grads, dtype), _r_factor(inputs, dtype))
+    return _core_singular_values(output_grads, _r_factor(inputs, dtype), dtype)
 
 
-def _core_singular_values(r_grad: torch.Tensor, r_input: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.svdvals(r_grad @ r_input.transpose(-1, -2))
+def _core_singular_values(output_grads: torch.Tensor, r_input: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """σ of `Δᵀ X` from Δ (B, T, d_out, padding zeroed) and X's R factor (B, k, T): `σ(R_Δ R_xᵀ)`.
+
+    Two thin QRs and a small SVD: nothing is squared, so small singular values keep the precision
+    of `dtype` (a Gram/eigenvalue route would lose half the digits).
+    """
+    return torch.linalg.svdvals(_r_factor(output_grads, dtype) @ r_input.transpose(-1, -2))
 
 
 def spectral_metrics(sigma: torch.Tensor | np.ndarray) -> dict[str, np.ndarray]:
@@ -439,7 +444,7 @@ class _Capture:
 
     def _on_grad(self, j: int, grad: torch.Tensor, r_input: torch.Tensor) -> None:
         with torch.no_grad():
-            self.sigma[j] = _core_singular_values(_r_factor(self._masked(grad), self.dtype), r_input)
+            self.sigma[j] = _core_singular_values(self._masked(grad), r_input, self.dtype)
 
     def stop(self) -> None:
         self.mask = None
