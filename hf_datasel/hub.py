@@ -325,6 +325,46 @@ def _redact(text: str, token: str | None) -> str:
     return text.replace(token, "***") if token else text
 
 
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str | None = None,
+) -> str:
+    """Push a folder written by `save_selection` to the dataset repo `repo_id` in one commit; returns the commit URL.
+
+    Earlier `data/train-*` shards that this push does not rewrite are deleted in the same commit,
+    as `Dataset.push_to_hub` does. Errors are re-raised as `HubError` with the token redacted.
+    """
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+    from huggingface_hub.utils import validate_repo_id
+
+    validate_repo_id(repo_id)
+    folder = Path(folder)
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    if "README.md" not in files or not any(f.startswith(f"{DATA_DIR}/{SPLIT}-") for f in files):
+        raise FileNotFoundError(f"{folder} is not a saved selection (no README.md and {DATA_DIR}/{SPLIT}-* files)")
+    api = HfApi(token=token, library_name="hf_datasel", library_version=__version__)
+    try:
+        repo_id = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True).repo_id
+        existing = api.list_repo_files(repo_id, repo_type="dataset")
+        stale = [f for f in existing if f.startswith(f"{DATA_DIR}/{SPLIT}-") and f not in files]
+        operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in files]
+        operations += [CommitOperationDelete(path_in_repo=f) for f in stale]
+        info = api.create_commit(
+            repo_id,
+            operations=operations,
+            commit_message=commit_message or "Upload a selection made with hf_datasel",
+            repo_type="dataset",
+        )
+    except Exception as err:  # re-raised without the token, and without the chained original
+        message = _redact(f"{type(err).__name__}: {err}", token)
+        raise HubError(f"pushing {folder} to {repo_id} failed: {message}") from None
+    return str(getattr(info, "commit_url", info))
+
+
 def push_selection(
     subset: Dataset,
     repo_id: str,
@@ -335,36 +375,14 @@ def push_selection(
     commit_message: str | None = None,
     source_dataset: str | None = None,
 ) -> str:
-    """Push `subset` and its card to the dataset repo `repo_id` in one commit; returns the commit URL.
-
-    Earlier `data/train-*` shards that this push does not rewrite are deleted in the same commit,
-    as `Dataset.push_to_hub` does. Errors are re-raised as `HubError` with the token redacted.
-    """
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+    """Push `subset` and its card (the `save_selection` layout) to the dataset repo `repo_id`; returns the URL."""
     from huggingface_hub.utils import validate_repo_id
 
     validate_repo_id(repo_id)
     workdir = Path(tempfile.mkdtemp(prefix="hf_datasel_push_"))
     try:
-        files = write_selection_folder(subset, workdir / "selection", record, source_dataset)
-        api = HfApi(token=token, library_name="hf_datasel", library_version=__version__)
-        try:
-            repo_id = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True).repo_id
-            existing = api.list_repo_files(repo_id, repo_type="dataset")
-            stale = [f for f in existing if f.startswith(f"{DATA_DIR}/{SPLIT}-") and f not in files]
-            operations = [
-                CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(workdir / "selection" / f)) for f in files
-            ] + [CommitOperationDelete(path_in_repo=f) for f in stale]
-            method = record.selection.method
-            info = api.create_commit(
-                repo_id,
-                operations=operations,
-                commit_message=commit_message or f"hf_datasel: {method} selection of {len(subset)} rows",
-                repo_type="dataset",
-            )
-        except Exception as err:  # re-raised without the token, and without the chained original
-            message = _redact(f"{type(err).__name__}: {err}", token)
-            raise HubError(f"pushing the selection to {repo_id} failed: {message}") from None
-        return str(getattr(info, "commit_url", info))
+        write_selection_folder(subset, workdir / "selection", record, source_dataset)
+        message = commit_message or f"hf_datasel: {record.selection.method} selection of {len(subset)} rows"
+        return push_folder(workdir / "selection", repo_id, private=private, token=token, commit_message=message)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

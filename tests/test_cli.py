@@ -1,0 +1,181 @@
+"""`hf-datasel`: each subcommand's help, happy paths on a small store, and one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from datasets import load_dataset
+from typer.testing import CliRunner
+
+from hf_datasel import DataSelector
+from hf_datasel.cli import app
+from hf_datasel.hub import load_local_dataset
+from hf_datasel.synthetic import make_pool
+from tests.test_hub import TOKEN, FakeHub, write_fake_store
+
+runner = CliRunner()
+COMMANDS = ("record", "featurize", "select", "swift", "spectral", "report", "push", "demo")
+
+
+def invoke(*args, env=None):
+    return runner.invoke(app, [str(a) for a in args], env=env)
+
+
+def assert_user_error(result, *fragments):
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]  # others: progress bars
+    assert len(lines) == 1 and result.stderr.strip().endswith(lines[0]), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture
+def run(tmp_path, pool):
+    """A recorded run (fake store) and the raw pool as jsonl, parquet and a save_to_disk folder."""
+    write_fake_store(tmp_path / "run", pool)
+    pool.to_json(tmp_path / "pool.jsonl")
+    pool.to_parquet(tmp_path / "pool.parquet")
+    pool.save_to_disk(tmp_path / "pool_disk")
+    return tmp_path
+
+
+def test_every_subcommand_has_readable_help():
+    top = invoke("--help")
+    assert top.exit_code == 0 and "hf-datasel select" in top.output
+    for command in COMMANDS:
+        result = invoke(command, "--help")
+        assert result.exit_code == 0, command
+        assert "Usage:" in result.output and len(result.output.splitlines()) > 5
+
+
+@pytest.mark.parametrize("source", ["pool.jsonl", "pool.parquet", "pool_disk"])
+def test_select_writes_the_subset_and_card(run, pool, source):
+    out = run / f"subset-{source}"
+    result = invoke(
+        "select", run / "run", run / source, "-m", "loss", "-b", "0.25", "-o", out, "-p", "which=highest",
+        "--source-name", "me/pool",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "loss: 24 of 96 rows" in result.stdout
+    expected = DataSelector.from_run(run / "run", pool).select("loss", budget=0.25, which="highest")
+    assert load_dataset(str(out), split="train").to_list() == expected.to_list()
+    card = (out / "README.md").read_text()
+    loaded = load_local_dataset(run / source)
+    assert "method: loss" in card and "dataset: me/pool" in card and f"fingerprint: {loaded._fingerprint}" in card
+
+
+def test_select_row_count_budget_and_scores(run):
+    out = run / "random10"
+    result = invoke("select", run / "run", run / "pool.jsonl", "-m", "loss", "-b", "10", "-o", out, "--with-scores")
+    assert result.exit_code == 0, result.output
+    subset = load_dataset(str(out), split="train")
+    assert len(subset) == 10 and "datasel_score" in subset.column_names
+    assert np.all(np.diff(sorted(subset["datasel_score"])) >= 0)
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["{run}/run", "{run}/missing.jsonl", "-m", "loss", "-b", "0.2"], ["no dataset at"]),
+        (["{run}/run", "{run}/pool.jsonl", "-m", "loss", "-b", "5000"], ["budget of 5000 rows is out of range"]),
+        (["{run}/run", "{run}/pool.jsonl", "-m", "nope", "-b", "0.2"], ["unknown selection method 'nope'"]),
+        (["{run}/run", "{run}/pool.jsonl", "-m", "loss", "-b", "0.2", "-p", "which"], ["key=value"]),
+        (["{run}/run", "{run}/pool.jsonl", "-m", "loss", "-b", "0.2", "-p", "colour=1"], ["takes no parameter"]),
+        (["{run}/nowhere", "{run}/pool.jsonl", "-m", "loss", "-b", "0.2"], ["No hf_datasel store"]),
+        (["{run}/run", "{run}/other.jsonl", "-m", "loss", "-b", "0.2"], ["does not match this dataset"]),
+        (["{run}/run", "{run}/pool.txt", "-m", "loss", "-b", "0.2"], ["cannot read pool.txt"]),
+    ],
+)
+def test_select_bad_input_is_one_line_and_exit_2(run, args, fragments):
+    make_pool(96, noise=0.2, seed=5).to_json(run / "other.jsonl")
+    (run / "pool.txt").write_text("hello")
+    result = invoke("select", *[a.format(run=run) for a in args], "-o", run / "out")
+    assert_user_error(result, *fragments)
+    assert not (run / "out").exists() or not any((run / "out").iterdir())
+
+
+def test_select_refuses_a_non_empty_output_folder(run):
+    (run / "out").mkdir()
+    (run / "out" / "x").write_text("keep")
+    result = invoke("select", run / "run", run / "pool.jsonl", "-m", "random", "-b", "5", "-o", run / "out")
+    assert_user_error(result, "not empty")
+
+
+def test_report_shows_the_store(run):
+    result = invoke("report", run / "run", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["loss_records"] == 192 and summary["world_size"] == 2 and summary["model"] == "tiny/proxy-llama"
+    assert summary["records"] == ["losses", "rows"] and summary["snapshot_steps"] == []
+    table = invoke("report", run / "run")
+    assert table.exit_code == 0 and "loss records" in table.stdout
+    assert_user_error(invoke("report", run / "nowhere"), "No hf_datasel store")
+
+
+def test_push_a_saved_selection_with_the_token_from_the_environment(run, monkeypatch):
+    hub = FakeHub(existing=["data/train-00000-of-00003.parquet"]).install(monkeypatch)
+    made = invoke("select", run / "run", run / "pool.jsonl", "-m", "random", "-b", "12", "-o", run / "sel")
+    assert made.exit_code == 0, made.output
+    result = invoke("push", run / "sel", "me/pool-random", env={"HF_TOKEN": TOKEN})
+    assert result.exit_code == 0, result.output
+    assert "https://hub.test/datasets/me/pool-random/commit/abc" in result.stdout
+    create = hub.calls[0][1]
+    assert create["private"] is True and create["token"] == TOKEN
+    sent = sorted(hub.files)
+    assert sent == ["README.md", "data/train-00000-of-00001.parquet"]  # random has no scores: no plot
+    assert hub.files["README.md"] == (run / "sel" / "README.md").read_bytes()
+    assert TOKEN not in result.output
+
+    public = invoke("push", run / "sel", "me/pool-random", "--public", "--token", TOKEN)
+    assert public.exit_code == 0 and hub.calls[-3][1]["private"] is False and TOKEN not in public.output
+
+
+def test_push_errors_never_show_the_token(run, monkeypatch):
+    FakeHub(fail_with=RuntimeError(f"401 for {TOKEN}")).install(monkeypatch)
+    invoke("select", run / "run", run / "pool.jsonl", "-m", "random", "-b", "12", "-o", run / "sel")
+    result = invoke("push", run / "sel", "me/pool-random", "--token", TOKEN)
+    assert_user_error(result, "401")
+    assert TOKEN not in result.output
+    assert_user_error(invoke("push", run / "missing", "me/x"), "no selection folder")
+    assert_user_error(invoke("push", run / "sel", "bad repo/id/x", "--token", TOKEN))
+
+
+def test_record_builds_the_launch_command(tmp_path):
+    one = invoke("record", "--dry-run", "--", "--tiny", "--output_dir", tmp_path / "r")
+    assert one.exit_code == 0 and "record_warmup.py --tiny --output_dir" in one.stdout
+    cpu = invoke("record", "--dry-run", "-n", "2", "--cpu", "--", "--tiny")
+    assert "torch.distributed.run --standalone --nproc_per_node 2" in cpu.stdout
+    gpu = invoke("record", "--dry-run", "-n", "8", "--config-file", "recipes/accelerate/multi_gpu.yaml", "--", "--x")
+    assert "accelerate.commands.launch --num_processes 8 --config_file recipes/accelerate/multi_gpu.yaml" in gpu.stdout
+    assert_user_error(invoke("record", "--recipe", tmp_path / "nope.py", "--dry-run"), "no recipe at")
+
+
+def test_featurize_through_the_cli(tmp_path, tokenizer, pool):
+    from hf_datasel.featurize import gradient_features
+    from tests.gradient_store import make_snapshot_store
+
+    rows = pool.select(range(10))
+    store, _ = make_snapshot_store(tmp_path, tokenizer, rows, steps=(2,))
+    rows.to_json(tmp_path / "rows.jsonl")
+    result = invoke("featurize", tmp_path / "run", tmp_path / "rows.jsonl", "--preconditioner", "adam", "--k", "32")
+    assert result.exit_code == 0, result.output
+    (features,) = gradient_features(store, rows, preconditioner="adam", k=32, progress=False)  # cached by the CLI
+    assert features.unit.shape == (10, 32) and f"step 2: {features.path}" in result.stdout
+    assert_user_error(invoke("featurize", tmp_path / "nowhere", tmp_path / "rows.jsonl"), "no run at")
+    assert_user_error(invoke("featurize", tmp_path / "run", tmp_path / "rows.jsonl", "--steps", "7"), "no snapshot")
+
+
+def test_no_traceback_from_the_installed_entry_point(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "hf_datasel.cli", "select", str(tmp_path), str(tmp_path / "x.jsonl"), "-m", "s2l",
+         "-b", "0.2", "-o", str(tmp_path / "o")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().startswith("error: ") and len(done.stderr.strip().splitlines()) == 1
