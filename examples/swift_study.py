@@ -2,8 +2,9 @@
 
 1. A tiny Llama warms up on direct answers of the synthetic tasks (add, reverse, sort, copy)
    with `SnapshotCallback`, which keeps the trainable weights at a few steps.
-2. Probes: the same questions answered two ways. `direct` gives the answer; `cot` writes the
-   steps first and ends with `so <answer>`:
+2. Probes: the same questions answered in several ways. `direct` gives the answer; `cot` writes
+   the steps first and ends with `so <answer>` (and `wrong`, a control, gives a plausible wrong
+   answer: `--strategies direct,cot,wrong`):
        add 27+15=   ->  7+5=12 20+10=30 30+12=42 so 42
        rev abcd=    ->  d c b a so dcba          (letters read from the end)
        sort dbca=   ->  a b c d so abcd          (letters in alphabetical order)
@@ -56,14 +57,34 @@ def _clean_rows(per_task: int, tasks: tuple[str, ...], seed: int) -> Dataset:
     return pool.select(keep).remove_columns("is_noisy")
 
 
-def make_probes(per_task: int = 3, tasks: tuple[str, ...] = TASKS, seed: int = 101) -> Dataset:
-    """Each question twice: `strategy="direct"` (the answer) and `strategy="cot"` (steps, then the answer)."""
+def wrong_answer(task: str, answer: str) -> str:
+    """A plausible but wrong answer (a control strategy: its probes should not help)."""
+    if task == "add":
+        return str(int(answer) + 10)
+    return answer[1:] + answer[0] if len(set(answer)) > 1 else answer + answer[0]
+
+
+STRATEGIES = {
+    "direct": lambda task, prompt, answer: answer,
+    "cot": chain_of_thought,
+    "wrong": lambda task, prompt, answer: wrong_answer(task, answer),
+}
+
+
+def make_probes(
+    per_task: int = 3, tasks: tuple[str, ...] = TASKS, seed: int = 101, strategies: tuple[str, ...] = ("direct", "cot")
+) -> Dataset:
+    """The same questions answered once per strategy: `direct` (the answer), `cot` (steps, then the answer),
+    and optionally `wrong` (a plausible wrong answer, a control that should score low)."""
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise ValueError(f"unknown strategies {unknown}; choose from {list(STRATEGIES)}")
     rows = _clean_rows(per_task, tasks, seed)
     out = {"prompt": [], "completion": [], "task": [], "strategy": []}
-    for strategy in ("direct", "cot"):
+    for strategy in strategies:
         for prompt, answer, task in zip(rows["prompt"], rows["completion"], rows["task"]):
             out["prompt"].append(prompt)
-            out["completion"].append(answer if strategy == "direct" else chain_of_thought(task, prompt, answer))
+            out["completion"].append(STRATEGIES[strategy](task, prompt, answer))
             out["task"].append(task)
             out["strategy"].append(strategy)
     return Dataset.from_dict(out)
@@ -121,19 +142,27 @@ def main(
     evals_per_task: int = 4,
     projection_dim: int | None = None,
     seed: int = 0,
+    strategies: tuple[str, ...] = ("direct", "cot"),
+    reuse: bool = False,
 ):
-    """Warm up, build probes and evals, run the Swift Study; print the table and write the plot and files."""
+    """Warm up (unless `reuse` and snapshots exist), build probes and evals, run the Swift Study; print the
+    table and write the plot and files."""
     from hf_datasel import swift_study
 
     output_dir = Path(output_dir)
-    warmup(output_dir, max_steps, snapshots, train_rows, seed)
-    probes, evals = make_probes(probes_per_task), make_evals(evals_per_task)
+    from hf_datasel import RunStore
+    from hf_datasel.featurize import snapshot_steps
+
+    if not (reuse and snapshot_steps(RunStore.for_output_dir(output_dir))):
+        warmup(output_dir, max_steps, snapshots, train_rows, seed)
+    probes, evals = make_probes(probes_per_task, strategies=strategies), make_evals(evals_per_task)
     probes.to_json(output_dir / "probes.jsonl")  # the same inputs for `hf-datasel swift`
     evals.to_json(output_dir / "evals.jsonl")
     report = swift_study(output_dir, probes=probes, evals=evals, projection_dim=projection_dim)
     print(report.summary())
-    print("\ncot minus direct (positive cross_task_diff: chain-of-thought probes help the other tasks more):")
-    print(report.compare("direct").to_string(index=False, float_format="{:.4f}".format))
+    if "direct" in strategies and len(strategies) > 1:
+        print("\nminus direct (a positive cross_task_diff: these probes help the other tasks more than direct ones):")
+        print(report.compare("direct").to_string(index=False, float_format="{:.4f}".format))
     report.save(output_dir / "swift")
     plot = Path(plot) if plot is not None else output_dir / "swift" / "swift.png"
     report.plot(plot, title="Swift Study on the synthetic tasks: chain-of-thought vs direct probes")
@@ -152,6 +181,8 @@ if __name__ == "__main__":
     parser.add_argument("--evals-per-task", type=int, default=4)
     parser.add_argument("--projection-dim", type=int, default=None, help="project gradients to this size")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--strategies", default="direct,cot", help="comma-separated, from direct, cot, wrong")
+    parser.add_argument("--reuse", action="store_true", help="skip the warmup when the output dir has snapshots")
     a = parser.parse_args()
     datasets.disable_progress_bars()
     main(
@@ -164,4 +195,6 @@ if __name__ == "__main__":
         a.evals_per_task,
         a.projection_dim,
         a.seed,
+        tuple(a.strategies.split(",")),
+        a.reuse,
     )

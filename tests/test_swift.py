@@ -239,8 +239,12 @@ def test_example_chain_of_thought_probes():
         probes.filter(lambda r: r["strategy"] == "cot")["prompt"]
         == probes.filter(lambda r: r["strategy"] == "direct")["prompt"]
     )  # the same questions, answered two ways
-    for row in probes.filter(lambda r: r["strategy"] == "cot"):
-        assert row["completion"].endswith(" so " + row["completion"].split(" so ")[-1])
+    direct = probes.filter(lambda r: r["strategy"] == "direct")["completion"]
+    assert [c.split(" so ")[-1] for c in probes.filter(lambda r: r["strategy"] == "cot")["completion"]] == direct
+    wrong = example.make_probes(per_task=2, strategies=("direct", "wrong"))
+    assert all(w != d for w, d in zip(wrong["completion"][8:], wrong["completion"][:8]))
+    with pytest.raises(ValueError):
+        example.make_probes(strategies=("clarify",))
 
 
 def test_example_runs_and_cli_writes_table_and_plot(tmp_path):
