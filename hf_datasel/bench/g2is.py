@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -39,6 +40,26 @@ from ..methods.g2is import (
 def peak_rss_gib() -> float:
     """Peak resident set size of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far: a fairer measure than wall time on a shared machine."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class Timer:
+    """Wall and CPU seconds of a block, stored into `result` as `<name>_s` and `<name>_cpu_s`."""
+
+    def __init__(self, result: dict, name: str):
+        self.result, self.name = result, name
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), cpu_seconds()
+
+    def __exit__(self, *exc):
+        self.result[f"{self.name}_s"] = round(time.perf_counter() - self.wall, 1)
+        self.result[f"{self.name}_cpu_s"] = round(cpu_seconds() - self.cpu, 1)
 
 
 def current_rss_gib() -> float:
@@ -71,27 +92,20 @@ def synthetic_features(
 
 def bench(rows: int, args: argparse.Namespace, workdir: Path) -> dict:
     result: dict = {"rows": rows, "dims": args.dims, "neighbors": args.neighbors, "chunk_rows": args.chunk_rows}
-    t = time.perf_counter()
-    train, targets = synthetic_features(workdir / f"train-{rows}.npy", rows, args.dims, args.seed)
-    result["generate_s"] = round(time.perf_counter() - t, 1)
+    with Timer(result, "generate"):
+        train, targets = synthetic_features(workdir / f"train-{rows}.npy", rows, args.dims, args.seed)
 
-    t = time.perf_counter()
-    normed, valid = l2_normalize(train)
-    core = core_knowledge(targets, variance_share=args.variance_share)
-    budget = max(1, int(round(args.budget_share * rows)))
-    budgets = split_budget(core.weights, budget)
-    result.update(
-        normalize_and_pca_s=round(time.perf_counter() - t, 1),
-        budget=budget,
-        components=len(core.weights),
-        rss_after_load_gib=round(current_rss_gib(), 2),
-    )
+    with Timer(result, "normalize_and_pca"):
+        normed, valid = l2_normalize(train)
+        core = core_knowledge(targets, variance_share=args.variance_share)
+        budget = max(1, int(round(args.budget_share * rows)))
+        budgets = split_budget(core.weights, budget)
+    result.update(budget=budget, components=len(core.weights), rss_after_load_gib=round(current_rss_gib(), 2))
 
-    t = time.perf_counter()
     lazy = LazyNeighbors(normed, args.neighbors, valid)
-    walk = gradient_walk(normed, core.components, budgets, lazy, args.delta, True, valid)
+    with Timer(result, "walk_lazy"):
+        walk = gradient_walk(normed, core.components, budgets, lazy, args.delta, True, valid)
     result.update(
-        walk_lazy_s=round(time.perf_counter() - t, 1),
         lazy_neighbour_queries=lazy.calls,
         chosen=int(walk.chosen.sum()),
         reanchors=int(walk.reanchors.sum()),
@@ -100,25 +114,26 @@ def bench(rows: int, args: argparse.Namespace, workdir: Path) -> dict:
     )
 
     if rows <= args.full_graph_max_rows:
-        t = time.perf_counter()
-        graph, _ = knn_graph(normed, args.neighbors, args.chunk_rows)
-        result["graph_build_s"] = round(time.perf_counter() - t, 1)
-        t = time.perf_counter()
-        full = gradient_walk(normed, core.components, budgets, GraphNeighbors(graph), args.delta, True, valid)
-        result["walk_full_graph_s"] = round(time.perf_counter() - t, 1)
+        with Timer(result, "graph_build"):
+            graph, _ = knn_graph(normed, args.neighbors, args.chunk_rows)
+        with Timer(result, "walk_full_graph"):
+            full = gradient_walk(normed, core.components, budgets, GraphNeighbors(graph), args.delta, True, valid)
         result["full_and_lazy_agree"] = bool(np.array_equal(full.indices, walk.indices))
         result["peak_rss_after_full_graph_gib"] = round(peak_rss_gib(), 2)
     else:
         n_chunks = -(-rows // args.chunk_rows)
         sample = normed[: args.estimate_chunks * args.chunk_rows]
-        t = time.perf_counter()
+        sampled: dict = {}
         base = torch.from_numpy(normed)
-        for lo in range(0, len(sample), args.chunk_rows):
-            sims = torch.from_numpy(sample[lo : lo + args.chunk_rows]) @ base.T
-            torch.topk(sims, args.neighbors + 1, dim=1)
-        per_chunk = (time.perf_counter() - t) / args.estimate_chunks
-        result["graph_build_s_estimate"] = round(per_chunk * n_chunks, 0)
+        with Timer(sampled, "sample"):
+            for lo in range(0, len(sample), args.chunk_rows):
+                sims = torch.from_numpy(sample[lo : lo + args.chunk_rows]) @ base.T
+                torch.topk(sims, args.neighbors + 1, dim=1)
+        scale = n_chunks / args.estimate_chunks
+        result["graph_build_s_estimate"] = round(sampled["sample_s"] * scale, 0)
+        result["graph_build_cpu_s_estimate"] = round(sampled["sample_cpu_s"] * scale, 0)
         result["peak_rss_after_graph_sample_gib"] = round(peak_rss_gib(), 2)
+    result["load_average_1min"] = round(os.getloadavg()[0], 1)
     return result
 
 
