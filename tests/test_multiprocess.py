@@ -8,7 +8,9 @@ weights, so losses, sweeps and snapshots agree to float tolerance.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +88,35 @@ def test_rows_sweep_and_snapshots_match(stores):
         np.testing.assert_allclose(snap_b[key], snap_a[key], rtol=1e-4, atol=1e-6, err_msg=key)
     leftovers = [p.name for p in two.path.rglob("*.tmp")]
     assert not leftovers, f"unfinished writes: {leftovers}"
+
+
+def test_sharded_featurization_matches_one_process(stores, tmp_path):
+    """recipes/featurize_sharded.py: 2 processes, one shard each (5 batches: 2 + 3), merged in row order."""
+    one, _ = stores
+    runs = {}
+    for name in ("single", "sharded"):
+        shutil.copytree(one.path, tmp_path / name / "datasel")
+        runs[name] = RunStore.for_output_dir(tmp_path / name)
+    script = str(RECIPES / "featurize_sharded.py")
+    args = ["--tiny", "--pool_size", "90", "--preconditioner", "adam", "--k", "48", "--batch_size", "20"]
+    single = [sys.executable, script, *args, "--run_dir", str(tmp_path / "single")]
+    sharded = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        script, *args, "--run_dir", str(tmp_path / "sharded"),
+    ]  # fmt: skip
+    procs = [
+        subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+        for c in (single, sharded)
+    ]
+    for proc in procs:
+        log, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, log[-3000:]
+    folders = {name: sorted((store.path / "features").rglob("meta.json")) for name, store in runs.items()}
+    assert len(folders["single"]) == len(folders["sharded"]) == 1
+    a, b = folders["single"][0].parent, folders["sharded"][0].parent
+    assert a.relative_to(runs["single"].path) == b.relative_to(runs["sharded"].path), "same dataset key and spec"
+    assert not list(b.glob("shard-*")), "shards are merged and removed"
+    assert json.loads((b / "meta.json").read_text())["plan"]["num_shards"] == 2
+    np.testing.assert_array_equal(np.load(b / "norms.npy"), np.load(a / "norms.npy"))
+    np.testing.assert_array_equal(np.load(b / "unit.npy"), np.load(a / "unit.npy"))
+    assert np.load(a / "unit.npy").shape == (90, 48) and np.isfinite(np.load(a / "norms.npy")).all()
