@@ -77,18 +77,20 @@ class PerSampleGradients:
             if owned:
                 self.owners.append(_Owner(module, owned))
         self.shapes = {n: tuple(p.shape) for n, p in self.params.items()}
+        self._all_params = list(model.parameters())
+        self._wanted = {id(p) for p in self.params.values()}
 
     @contextmanager
     def _only_these_trainable(self):
-        saved = {p: p.requires_grad for p in self.model.parameters()}
-        wanted = {id(p) for p in self.params.values()}
+        """Only the chosen parameters require grad while featurizing (so autograd builds no other paths)."""
+        flips = [p for p in self._all_params if p.requires_grad != (id(p) in self._wanted)]
         try:
-            for p in saved:
-                p.requires_grad_(id(p) in wanted)
+            for p in flips:
+                p.requires_grad_(not p.requires_grad)
             yield
         finally:
-            for p, flag in saved.items():
-                p.requires_grad_(flag)
+            for p in flips:
+                p.requires_grad_(not p.requires_grad)
 
     def __call__(
         self,
