@@ -323,6 +323,25 @@ def merge_shards(folder: str | os.PathLike, raise_if_incomplete: bool = True) ->
         if raise_if_incomplete:
             raise StoreError(f"features at {folder}: shards {missing} of {num_shards} are not finished yet.")
         return False
+    lock = folder / "merge.lock"
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # one merger when shards finish together
+    except FileExistsError:
+        if raise_if_incomplete:
+            raise StoreError(
+                f"features at {folder}: another process is merging the shards (remove {lock.name} if it died)."
+            ) from None
+        return False
+    os.close(fd)
+    try:
+        _merge(folder, meta, works)
+    finally:
+        lock.unlink(missing_ok=True)
+    return True
+
+
+def _merge(folder: Path, meta: dict[str, Any], works: list[Path]) -> None:
+    plan = meta["plan"]
     spec = ProjectorSpec.from_dict(meta["spec"])
     n = plan["num_rows"]
     with atomic_path(folder / "unit.npy") as tmp_unit, atomic_path(folder / "norms.npy") as tmp_norms:
@@ -341,7 +360,6 @@ def merge_shards(folder: str | os.PathLike, raise_if_incomplete: bool = True) ->
     write_json(folder / "meta.json", {**meta, "complete": True})
     for w in works:
         shutil.rmtree(w, ignore_errors=True)
-    return True
 
 
 # -- the public entry point ---------------------------------------------------------------

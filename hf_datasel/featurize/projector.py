@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -123,6 +124,20 @@ class ProjectorSpec:
             )
 
 
+@contextmanager
+def _deterministic(enabled: bool):
+    """Turn on PyTorch's deterministic algorithms for the block (restoring the previous mode)."""
+    if not enabled or torch.are_deterministic_algorithms_enabled():
+        yield
+        return
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False, warn_only=warn_only)
+
+
 def _chunk_seed(seed: int, name: str, chunk: int) -> int:
     digest = hashlib.blake2b(f"{seed}\x00{name}\x00{chunk}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
@@ -195,6 +210,7 @@ class Projector:
         for index, start in enumerate(range(0, flat.shape[1], rows)):
             if self.spec.kind == "sparse":
                 target, sign = self.chunk(name, index)
-                out.index_add_(1, target, flat[:, start : start + rows] * sign)
+                with _deterministic(out.is_cuda):  # CUDA's default index_add_ sums in a random order
+                    out.index_add_(1, target, flat[:, start : start + rows] * sign)
             else:
                 out.addmm_(flat[:, start : start + rows], self.chunk(name, index))

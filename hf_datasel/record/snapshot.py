@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.utils import logging
 
 from ..store import RunStore, write_json
 from .trainer_hooks import calling_trainer, is_main_process
@@ -31,6 +32,8 @@ from .trainer_hooks import calling_trainer, is_main_process
 SNAPSHOT_DIR = "snapshots"
 INDEX_FILE = "index.json"
 MODEL_FILE = "model.json"
+
+logger = logging.get_logger(__name__)
 
 
 def snapshot_name(step: int) -> str:
@@ -95,6 +98,11 @@ class SnapshotCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.store = RunStore.for_output_dir(args.output_dir)
         self._lr_sum, self._lr_count = 0.0, 0
+        if self.steps is None and str(getattr(args, "save_strategy", "")).lower().endswith("no"):
+            logger.warning(
+                "SnapshotCallback takes snapshots at checkpoint saves, but save_strategy='no': no snapshot will be "
+                "taken. Pass SnapshotCallback(steps=[...]) or enable saving."
+            )
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         if optimizer is not None and optimizer.param_groups:
