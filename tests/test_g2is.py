@@ -273,7 +273,13 @@ def test_end_to_end_through_selector(tmp_path, tokenizer):
         sel = selector.run("g2is", budget=8, targets=targets, **feature_args)
         again = selector.run("g2is", budget=8, targets=targets, **feature_args)
         subset = selector.select("g2is", budget=8, targets=targets, use_graph=False, **feature_args)
+        task = np.asarray(targets["task"])
+        named = {name: targets.select(np.flatnonzero(task == t)) for name, t in (("a", "add"), ("r", "reverse"))}
+        by_name = selector.run("g2is", budget=8, seed=5, targets=named, task_column=None, **feature_args)
     np.testing.assert_array_equal(sel.indices, again.indices)
+    # a {name: Dataset} mapping is the same tasks as the task column; the seed plays no part (nothing is random)
+    assert by_name.params["targets"] == ["a", "r"]
+    np.testing.assert_array_equal(sel.indices, by_name.indices)
     assert sel.params["targets"] == ["add", "reverse"] and sel.params["steps"] == [2, 4]
     assert len(sel.indices) + sel.info["shortfall"] == 8
     assert sum(c["budget"] for c in sel.info["components"]) == 8

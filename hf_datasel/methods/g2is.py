@@ -680,6 +680,9 @@ def select_g2is(
     Several snapshots: rows are combined as `concat_t sqrt(w_t) · unit_t` with the featurizer's
     learning-rate weights `w_t`, so every inner product is LESS's LR-weighted cosine.
 
+    Nothing is random: the same features give the same rows whatever the selector's `seed`
+    (the projection has its own `projection_seed`). Ties are broken by row index.
+
     Each row's score is its cosine with the component it was chosen for. When the walk runs
     out of rows that fit, fewer rows than the budget come back: `info["shortfall"]` (and each
     component's entry in `info["components"]`) says how many, and a warning is raised.
