@@ -343,12 +343,13 @@ def layer_report(table, group_by: str | None = None, metrics: Sequence[str] = ME
     metrics, and `group_by` if given).
     """
     keys = ([group_by] if group_by is not None else []) + ["layer", "projection"]
-    grouped = table.groupby(keys, sort=True, dropna=False)
+    grouped = table.groupby(keys, sort=False, dropna=False)  # projections stay in the order measured
     out = grouped[list(metrics)].mean()
     out.insert(0, "rows", grouped.size())
     for m in metrics:
         out[f"nan_{m}"] = grouped[m].apply(lambda s: int(s.isna().sum()))
-    return out.reset_index()
+    out = out.reset_index()
+    return out.sort_values(keys[:-1], kind="stable").reset_index(drop=True)
 
 
 def plot_report(
@@ -360,6 +361,7 @@ def plot_report(
     """Draw `layer_report` output to a PNG (Agg, no global pyplot state) and return the path."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     projections = list(dict.fromkeys(report["projection"]))
     groups = [None] if group_by is None else list(dict.fromkeys(report[group_by]))
@@ -375,6 +377,7 @@ def plot_report(
                 label = "all rows" if g is None else f"{group_by}={g}"
                 ax.plot(line["layer"], line[metric], marker="o", label=label)
             ax.set_title(f"{proj}: {metric.replace('_', ' ')}", fontsize=9)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if i == len(metrics) - 1:
                 ax.set_xlabel("layer")
             ax.grid(alpha=0.3)
@@ -384,26 +387,35 @@ def plot_report(
     return path
 
 
+_GROUPABLE = {
+    "string",
+    "large_string",
+    "bool",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+}
+
+
 def _scalar_columns(dataset: Dataset):
+    """The dataset's string/bool/integer columns, to group rows by."""
     import pandas as pd
 
-    keep = [
-        c
-        for c, f in dataset.features.items()
-        if c not in ROW_COLUMNS and getattr(f, "dtype", None) in {"string", "bool", "large_string"} | _INT_TYPES
-    ]
+    keep = [c for c, f in dataset.features.items() if c not in ROW_COLUMNS and getattr(f, "dtype", None) in _GROUPABLE]
     return pd.DataFrame({c: dataset[c] for c in keep})
-
-
-_INT_TYPES = {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"}
 
 
 # -- computing -------------------------------------------------------------------------------------------------------
 class _Capture:
     """Hooks that turn one forward/backward of a padded batch into every row's spectra for every target."""
 
-    def __init__(self, targets: list[tuple[Target, nn.Linear]], dtype: torch.dtype, keep_sigma: bool):
-        self.targets, self.dtype, self.keep_sigma = targets, dtype, keep_sigma
+    def __init__(self, targets: list[tuple[Target, nn.Linear]], dtype: torch.dtype):
+        self.targets, self.dtype = targets, dtype
         self.mask: torch.Tensor | None = None
         self.r_inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.calls: list[int] = []
@@ -432,6 +444,10 @@ class _Capture:
             if not output.requires_grad:
                 raise RuntimeError(f"{self.targets[j][0].name}: its output does not require grad")
             x = args[0]
+            if x.dim() != 3 or x.shape[:2] != self.mask.shape[:2]:
+                raise NotImplementedError(
+                    f"{self.targets[j][0].name} sees input of shape {tuple(x.shape)}, not (batch, tokens, features)"
+                )
             with torch.no_grad():
                 cached = self.r_inputs.get(id(x))  # q, k and v read the same tensor: factor it once
                 if cached is None:
@@ -506,6 +522,8 @@ def gradient_spectra(
     """
     if any(getattr(mod, "gradient_checkpointing", False) is True for mod in model.modules()):
         raise ValueError("gradient_spectra: disable gradient checkpointing first (its re-forward would re-run hooks)")
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"gradient_spectra: dtype must be torch.float64 or torch.float32, not {dtype}")
     rows = _tokenized(dataset, tokenizer, max_length)
     pad_id = getattr(tokenizer, "pad_token_id", None)
     if pad_id is None:
@@ -527,7 +545,7 @@ def gradient_spectra(
         return out
 
     emb_handle = model.get_input_embeddings().register_forward_hook(embedding_hook)
-    capture = _Capture(targets, dtype, keep_singular_values)
+    capture = _Capture(targets, dtype)
     was_training = model.training
     model.eval()
     batches = iter_batches(rows, batch_size, pad_id, padding_side)
