@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 
 import torch
-from tokenizers import Tokenizer, decoders, models, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from .tasks import corpus
@@ -29,6 +29,9 @@ def build_tokenizer(vocab_size: int | None = None, seed: int = 0) -> PreTrainedT
     specials = list(SPECIAL_TOKENS.values())
     size = len(alphabet) + len(specials) if vocab_size is None else vocab_size
     tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    # Merges never cross "=", "+" or a space, so a prompt tokenizes the same alone as in front of
+    # its completion (the labels of training and the context of generation then agree).
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[=+ ]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     trainer = trainers.BpeTrainer(
         vocab_size=size, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
