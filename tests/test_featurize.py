@@ -248,3 +248,53 @@ def test_two_shard_merge_equals_single_run(tmp_path, tokenizer):
         np.testing.assert_array_equal(np.asarray(a.unit), np.asarray(b.unit))
         np.testing.assert_array_equal(a.norms, b.norms)
     assert not list(merged[0].path.glob("shard-*"))
+
+
+def test_gradient_checkpointed_model_gives_the_same_features(tokenizer, rows):
+    model = _model(tokenizer, peft=False)
+    shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+    batch = pad_batch(rows[:4], tokenizer.pad_token_id)
+    plain = Featurizer(model, ProjectorSpec.create(shapes, k=None), "cpu")
+    plain.set_snapshot(None)
+    expected = plain.batch_features(batch)[0]
+    model.gradient_checkpointing_enable()
+    checkpointed = Featurizer(model, ProjectorSpec.create(shapes, k=None), "cpu")
+    checkpointed.set_snapshot(None)
+    torch.testing.assert_close(checkpointed.batch_features(batch)[0], expected)
+
+
+def test_generic_path_handles_keyword_inputs():
+    """A module called with its batch as a keyword argument still gets exact per-sample gradients."""
+
+    class Scale(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.tensor([0.5, -1.0, 2.0]))
+
+        def forward(self, hidden):
+            return hidden * self.weight
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(7, 3)
+            self.scale = Scale()
+            self.head = torch.nn.Linear(3, 7)
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
+            from types import SimpleNamespace
+
+            return SimpleNamespace(logits=self.head(self.scale(hidden=self.emb(input_ids))))
+
+    torch.manual_seed(0)
+    toy = Toy()
+    ids = torch.randint(0, 7, (3, 5))
+    labels = ids.clone()
+    labels[1, :2] = -100
+    grads, _, valid = PerSampleGradients(toy)(ids, torch.ones_like(ids), labels)
+    for i in range(3):
+        toy.zero_grad()
+        logits = toy(ids[i : i + 1]).logits
+        torch.nn.functional.cross_entropy(logits[0, :-1], labels[i, 1:], ignore_index=-100).backward()
+        for name, p in toy.named_parameters():
+            torch.testing.assert_close(grads[name][i], p.grad, rtol=1e-5, atol=1e-7)

@@ -86,6 +86,9 @@ class Featurizer:
 
     def __init__(self, model: torch.nn.Module, spec: ProjectorSpec, device: str | torch.device | None = None):
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            base.gradient_checkpointing_disable()  # recomputed forwards would re-fire the capture hooks
         self.model = model.to(self.device).eval()
         self.spec = spec
         self.engine = PerSampleGradients(self.model, spec.param_names)

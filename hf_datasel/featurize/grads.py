@@ -183,22 +183,46 @@ def _module_grads(call: _Call, delta: torch.Tensor | None, batch: int) -> dict[s
 
 
 def _vmap_grads(module, params, call: _Call, delta, batch) -> dict[str, torch.Tensor]:
-    """Per-sample VJP of one module call, vmapped over the batch (any module that treats rows independently)."""
-    batched = [torch.is_tensor(a) and a.dim() > 0 and a.shape[0] == batch for a in call.args]
-    args = [a.detach() if torch.is_tensor(a) else a for a in call.args]
-    kwargs = call.kwargs
-    detached = {k: p.detach() for k, p in params.items()}
+    """Per-sample VJP of one module call, vmapped over the batch (any module that treats rows independently).
 
-    def one(sample_args, g):
-        it = iter(sample_args)
-        full = tuple(next(it).unsqueeze(0) if b else a for a, b in zip(args, batched))
+    Tensor arguments (positional or keyword) whose first dimension is the batch are split per
+    sample; everything else is passed to every sample unchanged.
+    """
+
+    def is_batched(a) -> bool:
+        return torch.is_tensor(a) and a.dim() > 0 and a.shape[0] == batch
+
+    args = [a.detach() if torch.is_tensor(a) else a for a in call.args]
+    kwargs = {k: v.detach() if torch.is_tensor(v) else v for k, v in call.kwargs.items()}
+    arg_slots = [i for i, a in enumerate(args) if is_batched(a)]
+    kwarg_slots = [k for k, v in kwargs.items() if is_batched(v)]
+    bare = _Bare(module)  # the module's forward without its hooks (e.g. transformers' input-grad hook)
+    detached = {f"inner.{k}": p.detach() for k, p in params.items()}
+
+    def one(sample_args, sample_kwargs, g):
+        full_args = list(args)
+        for i, a in zip(arg_slots, sample_args):
+            full_args[i] = a.unsqueeze(0)
+        full_kwargs = {**kwargs, **{k: v.unsqueeze(0) for k, v in sample_kwargs.items()}}
 
         def f(p):
-            return torch.func.functional_call(module, p, full, kwargs)
+            return torch.func.functional_call(bare, p, tuple(full_args), full_kwargs)
 
         _, vjp = torch.func.vjp(f, detached)
         return vjp(g.unsqueeze(0))[0]
 
-    sample_args = tuple(a for a, b in zip(args, batched) if b)
-    grads = torch.func.vmap(one)(sample_args, delta.detach())
-    return {k: v.float() for k, v in grads.items()}
+    sample_args = tuple(args[i] for i in arg_slots)
+    sample_kwargs = {k: kwargs[k] for k in kwarg_slots}
+    grads = torch.func.vmap(one)(sample_args, sample_kwargs, delta.detach())
+    return {k.removeprefix("inner."): v.float() for k, v in grads.items()}
+
+
+class _Bare(nn.Module):
+    """Calls `inner.forward` directly, so forward hooks registered on `inner` do not run."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        return self.inner.forward(*args, **kwargs)

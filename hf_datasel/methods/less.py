@@ -21,8 +21,6 @@ from datasets import Dataset
 from ..featurize import FeatureSet, check_same_space, gradient_features
 from .base import Selection, SelectionContext
 
-CHUNK_ROWS = 1 << 15
-
 
 def less_scores(
     train: Sequence[FeatureSet], targets: Sequence[FeatureSet], target_tasks: np.ndarray
@@ -48,21 +46,22 @@ def less_scores(
         target_ok &= np.isfinite(tg.norms) & (tg.norms > 0)
     zero_rows &= ~nan_rows
     left_out = nan_rows | zero_rows
-    per_task = np.zeros((n, len(tasks)), np.float64)
-    target_counts = {}
-    usable_tasks = []
-    for j, task in enumerate(tasks):
-        members = np.flatnonzero((target_tasks == task) & target_ok)
-        target_counts[str(task)] = int(len(members))
-        if len(members) == 0:
-            per_task[:, j] = np.nan
-            continue
-        usable_tasks.append(task)
-        for tr, tg in zip(train, targets):
-            center = np.asarray(tg.unit[members], np.float64).mean(axis=0)  # mean of unit target features
-            for start in range(0, n, CHUNK_ROWS):
-                block = np.asarray(tr.unit[start : start + CHUNK_ROWS], np.float64)
-                per_task[start : start + CHUNK_ROWS, j] += tr.weight * (block @ center)
+    per_task = np.full((n, len(tasks)), np.nan, np.float64)
+    members = {task: np.flatnonzero((target_tasks == task) & target_ok) for task in tasks}
+    target_counts = {str(task): int(len(m)) for task, m in members.items()}
+    usable_tasks = [task for task in tasks if len(members[task])]
+    columns = [tasks.index(task) for task in usable_tasks]
+    if usable_tasks:
+        per_task[:, columns] = 0.0
+    for tr, tg in zip(train, targets):
+        if not usable_tasks:
+            break
+        # mean cosine to a task = <unit train row, mean of the task's unit target rows>
+        centers = np.stack([np.asarray(tg.unit[members[t]], np.float64).mean(axis=0) for t in usable_tasks], axis=1)
+        chunk = max(256, (1 << 27) // (8 * centers.shape[0]))
+        for start in range(0, n, chunk):
+            block = np.asarray(tr.unit[start : start + chunk], np.float64)
+            per_task[start : start + chunk, columns] += tr.weight * (block @ centers)
     if not usable_tasks:
         raise ValueError("LESS: no target row has a defined, non-zero gradient; nothing to align with.")
     per_task[left_out] = np.nan
