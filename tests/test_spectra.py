@@ -260,3 +260,19 @@ def test_on_the_fly_spectra_report_and_plot(tmp_path, tokenizer, tiny_model, row
     from_store = DataSelector(data, store=RunStore.for_output_dir(tmp_path)).run("spectral", 3)
     np.testing.assert_allclose(from_store.scores, sel.scores)
     assert from_store.indices.tolist() == sel.indices.tolist()
+
+
+def test_text_rows_existing_manifest_and_checks(tmp_path, tokenizer, tiny_model):
+    data = Dataset.from_dict({"text": ["copy abc=abc", "rev abcd=dcba"]})
+    store = RunStore.for_output_dir(tmp_path)
+    store.write_manifest({"model": {"name_or_path": "recorded"}})
+    spectra = gradient_spectra(tiny_model, data, tokenizer, projections=("o",), store=tmp_path)
+    assert store.manifest["model"] == {"name_or_path": "recorded"}  # a recorded run's manifest is left alone
+    rows = tokenize_rows(data, tokenizer)
+    assert spectra.num_tokens.tolist() == [len(r["input_ids"]) - 1 for r in rows]  # every token but the first
+    assert GradientSpectra.load(tmp_path).targets == spectra.targets
+    with pytest.raises(ValueError, match="dtype"):
+        gradient_spectra(tiny_model, data, tokenizer, dtype=torch.float16)
+    tiny_model.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        gradient_spectra(tiny_model, data, tokenizer)
