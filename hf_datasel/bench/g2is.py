@@ -115,7 +115,7 @@ def bench(rows: int, args: argparse.Namespace, workdir: Path) -> dict:
 
     if rows <= args.full_graph_max_rows:
         with Timer(result, "graph_build"):
-            graph, _ = knn_graph(normed, args.neighbors, args.chunk_rows)
+            graph, _ = knn_graph(normed, args.neighbors, args.chunk_rows, valid)
         with Timer(result, "walk_full_graph"):
             full = gradient_walk(normed, core.components, budgets, GraphNeighbors(graph), args.delta, True, valid)
         result["full_and_lazy_agree"] = bool(np.array_equal(full.indices, walk.indices))

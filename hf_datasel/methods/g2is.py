@@ -193,7 +193,7 @@ def core_knowledge(
         mean = rows.mean(axis=0)
         centered = rows - mean if center else rows
         var, directions = _principal_axes(centered)
-        if len(rows) < 2 and center or var.sum() <= 1e-12 * len(rows):
+        if (len(rows) < 2 and center) or var.sum() <= 1e-12 * len(rows):
             if np.linalg.norm(mean) == 0:
                 raise ValueError(f"g2is: target task {t} has a zero mean gradient and no variance")
             degenerate.append(t)
@@ -236,14 +236,17 @@ def _sorted_top(sims: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.
     return torch.gather(vals, 1, key), torch.gather(idx, 1, key)
 
 
-def knn_graph(features: np.ndarray, k: int, chunk_rows: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def knn_graph(
+    features: np.ndarray, k: int, chunk_rows: int = 1024, valid: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine k-nearest-neighbour graph: `(neighbors, similarities)`, both (rows, k).
 
     Row i lists the k other rows most similar to row i (descending cosine, ties by index).
     Computed one block of `chunk_rows` query rows at a time, so memory is
     `rows × dims` floats plus `chunk_rows × rows` similarities, never rows × rows.
     Cost is `2 · rows² · dims` flops; rows with zero or non-finite features get no edges to
-    others' lists (similarity -inf) and their own list is filled with -1.
+    others' lists (similarity -inf) and their own list is filled with -1. Passing `valid`
+    says `features` are already unit rows (as from `l2_normalize`), which saves a copy.
     """
     n = len(features)
     if n < 2:
@@ -251,7 +254,10 @@ def knn_graph(features: np.ndarray, k: int, chunk_rows: int = 1024) -> tuple[np.
     k = min(int(k), n - 1)
     if k < 1:
         raise ValueError("knn_graph: k must be at least 1")
-    normed, valid = l2_normalize(features)
+    if valid is None:
+        normed, valid = l2_normalize(features)
+    else:
+        normed, valid = np.ascontiguousarray(features, np.float32), np.asarray(valid, bool)
     base = torch.from_numpy(normed)
     invalid = torch.from_numpy(~valid)
     neighbors = np.empty((n, k), np.int64)
@@ -550,7 +556,7 @@ def g2is_arrays(
     if not use_graph:
         return G2ISResult(aligned_topk(normed, core.components, budgets, valid), core, valid, "none")
     if graph == "full":
-        neighbors = GraphNeighbors(knn_graph(normed, num_neighbors, chunk_rows)[0])
+        neighbors = GraphNeighbors(knn_graph(normed, num_neighbors, chunk_rows, valid)[0])
     else:
         neighbors = LazyNeighbors(normed, num_neighbors, valid)
     walk = gradient_walk(normed, core.components, budgets, neighbors, delta, conflict_across_components, valid)
