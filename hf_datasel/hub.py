@@ -208,8 +208,9 @@ def render_card(
     from .selector import SCORE_COLUMN
 
     meta = card_metadata(record, subset, source_dataset)
+    # no `configs:` block: datasets 5.2 caches a local folder whose card has one under the folder's *name*
+    # (two exports called "subset" would read each other's rows); data/train-* is found without it
     data = DatasetCardData(
-        configs=[{"config_name": "default", "data_files": [{"split": SPLIT, "path": f"{DATA_DIR}/{SPLIT}-*"}]}],
         size_categories=[_size_category(len(subset))],
         tags=["hf-datasel", "data-selection", meta["method"]],
         source_datasets=[source_dataset] if source_dataset else None,

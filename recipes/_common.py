@@ -109,3 +109,8 @@ def parse_steps(text: str | None) -> list[int] | str | None:
     if text == "saves":
         return "saves"
     return [int(s) for s in text.split(",") if s.strip()]
+
+
+def as_budget(value: float) -> float | int:
+    """A budget from the command line: a whole number >= 1 is a row count, anything else a fraction."""
+    return int(value) if value >= 1 and float(value).is_integer() else value

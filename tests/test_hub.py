@@ -160,7 +160,7 @@ def test_push_sends_data_card_and_private_flag_in_one_commit(tmp_path, selector,
     assert sent.to_dict("records") == subset.to_list()
     card = DatasetCard(hub.files["README.md"].decode())
     assert card.data.to_dict()["datasel"]["parameters"] == {"which": "lowest"}
-    assert card.data.to_dict()["configs"][0]["data_files"] == [{"split": "train", "path": "data/train-*"}]
+    assert "configs" not in card.data.to_dict()
 
     local = selector.save_selection(subset, tmp_path / "same", source_dataset="me/pool")
     assert (local / "README.md").read_bytes() == hub.files["README.md"], "local export == what is pushed"
@@ -185,3 +185,12 @@ def test_push_rejects_a_bad_repo_id_before_any_request(selector, monkeypatch):
     with pytest.raises(ValueError):
         selector.push_to_hub(subset, "not a/valid/repo id", token=TOKEN)
     assert hub.calls == []
+
+
+def test_two_exports_with_the_same_folder_name_read_back_their_own_rows(tmp_path, selector):
+    """`load_dataset(folder)` must not serve one export's cached rows for another folder of the same name."""
+    small, large = selector.select("random", budget=7, seed=3), selector.select("loss", budget=30)
+    selector.save_selection(small, tmp_path / "a" / "subset")
+    selector.save_selection(large, tmp_path / "b" / "subset")
+    assert load_dataset(str(tmp_path / "a" / "subset"), split="train").to_list() == small.to_list()
+    assert load_dataset(str(tmp_path / "b" / "subset"), split="train").to_list() == large.to_list()
