@@ -165,7 +165,7 @@ def main(
         print(report.compare("direct").to_string(index=False, float_format="{:.4f}".format))
     report.save(output_dir / "swift")
     plot = Path(plot) if plot is not None else output_dir / "swift" / "swift.png"
-    report.plot(plot, title="Swift Study on the synthetic tasks: chain-of-thought vs direct probes")
+    report.plot(plot, title=f"Swift Study on the synthetic tasks: {' vs '.join(strategies)} probes, tiny proxy")
     print(f"plot: {plot}")
     return report
 
