@@ -101,12 +101,14 @@ def main(argv: list[str] | None = None) -> None:
             model_name_or_path=args.large_model, dataset=args.dataset, tiny=args.tiny, model_seed=args.seed
         )
         large, large_tok = load_model_and_tokenizer(large_args, out, spec="large")
-        SFTTrainer(
+        large_trainer = SFTTrainer(
             model=large,
             args=sft_args(args, out / "large", max_steps=args.large_max_steps),
             train_dataset=subset,
             processing_class=large_tok,
-        ).train()
+        )
+        large_trainer.train()
+        large_trainer.save_model()  # the main process writes <output_dir>/large
         if state.is_main_process:
             print(f"large model trained on the subset -> {out / 'large'}")
 
