@@ -107,6 +107,7 @@ def bench(rows: int, args: argparse.Namespace, workdir: Path) -> dict:
         walk = gradient_walk(normed, core.components, budgets, lazy, args.delta, True, valid)
     result.update(
         lazy_neighbour_queries=lazy.calls,
+        lazy_passes_over_pool=lazy.passes,
         chosen=int(walk.chosen.sum()),
         reanchors=int(walk.reanchors.sum()),
         shortfall=int(walk.shortfall.sum()),

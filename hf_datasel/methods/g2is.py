@@ -275,27 +275,45 @@ def knn_graph(
 
 
 class LazyNeighbors:
-    """Exact kNN lists computed only for the rows a walk visits (one matvec over the pool each).
+    """Exact kNN lists computed only for the rows a walk visits, a few rows per pass over the pool.
 
-    Gives the same lists as `knn_graph` (up to float ties) at `2 · rows · dims` flops per visited
-    row instead of `2 · rows² · dims` up front; a walk visits about `budget` rows.
-    `features` must already be unit-norm rows (see `l2_normalize`); `valid` marks usable rows.
+    Gives the same lists as `knn_graph` (up to float ties) without the `2 · rows² · dims` flops
+    of the whole graph; a walk visits about `budget` rows. Reading the pool once costs about
+    the same for one query row as for a few dozen (it is memory-bound), so when row i is asked
+    for and not cached, the lists of up to `prefetch` more rows are computed in the same pass:
+    the uncached members of the list returned last (the walk's previous row). The walk's next
+    rows are usually among them, so most calls are cache hits. `features` must already be
+    unit-norm rows (see `l2_normalize`); `valid` marks usable rows.
     """
 
-    def __init__(self, features: np.ndarray, k: int, valid: np.ndarray | None = None):
+    def __init__(self, features: np.ndarray, k: int, valid: np.ndarray | None = None, prefetch: int = 31):
         self.features = torch.from_numpy(np.ascontiguousarray(features, np.float32))
         self.k = min(int(k), len(features) - 1)
         self.invalid = None if valid is None else torch.from_numpy(~np.asarray(valid, bool))
+        self.prefetch = int(prefetch)
+        self.cache: dict[int, np.ndarray] = {}
+        self.last: np.ndarray = np.zeros(0, np.int64)
         self.calls = 0
+        self.passes = 0
 
     def __call__(self, i: int) -> np.ndarray:
         self.calls += 1
-        sims = self.features @ self.features[i]
+        if i not in self.cache:
+            extra = [int(j) for j in self.last if int(j) not in self.cache and j != i][: self.prefetch]
+            self._compute([int(i), *extra])
+        self.last = self.cache[int(i)]
+        return self.last
+
+    def _compute(self, rows: list[int]) -> None:
+        self.passes += 1
+        query = torch.tensor(rows, dtype=torch.long)
+        sims = (self.features @ self.features[query].T).T.contiguous()  # (len(rows), pool)
         if self.invalid is not None:
-            sims[self.invalid] = -math.inf
-        sims[i] = -math.inf
-        _, idx = _sorted_top(sims[None], torch.arange(len(sims)), self.k)
-        return idx[0].numpy()
+            sims[:, self.invalid] = -math.inf
+        sims[torch.arange(len(rows)), query] = -math.inf
+        _, idx = _sorted_top(sims, torch.arange(sims.shape[1]), self.k)
+        for row, neighbours in zip(rows, idx.numpy()):
+            self.cache[row] = neighbours
 
 
 class GraphNeighbors:
