@@ -137,6 +137,8 @@ def find_targets(
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     found: list[tuple[Target, nn.Linear]] = []
     if modules is not None:
+        if isinstance(modules, str) or not modules:
+            raise ValueError("modules must be a non-empty list of linear layer names")
         by_name = {_canonical(n): m for n, m in linears}
         missing = [n for n in modules if n not in by_name]
         if missing:
