@@ -179,3 +179,58 @@ def test_no_traceback_from_the_installed_entry_point(tmp_path):
     )  # fmt: skip
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().startswith("error: ") and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_swift_through_the_cli(tmp_path, tokenizer, pool):
+    from hf_datasel.swift import run_swift_cli
+    from tests.gradient_store import make_snapshot_store
+
+    make_snapshot_store(tmp_path, tokenizer, pool.select(range(16)), steps=(2, 4))
+    probes = pool.select(range(16, 24)).map(lambda r, i: {"strategy": "cot" if i % 2 else "direct"}, with_indices=True)
+    probes.to_json(tmp_path / "probes.jsonl")
+    pool.select(range(24, 30)).to_json(tmp_path / "evals.jsonl")
+    result = invoke("swift", tmp_path / "run", tmp_path / "probes.jsonl", tmp_path / "evals.jsonl", tmp_path / "sw")
+    assert result.exit_code == 0, result.output
+    for name in ("swift_table.csv", "swift_table.json", "swift_scores.npz", "swift.png"):
+        assert (tmp_path / "sw" / name).exists(), name
+    direct = run_swift_cli(tmp_path / "run", tmp_path / "probes.jsonl", tmp_path / "evals.jsonl", tmp_path / "again")
+    assert (tmp_path / "sw" / "swift_table.csv").read_text() == direct["csv"].read_text()
+    bad = invoke("swift", tmp_path / "run", tmp_path / "evals.jsonl", tmp_path / "evals.jsonl", tmp_path / "x")
+    assert_user_error(bad, "strategy")
+
+
+def test_spectral_then_select_through_the_cli(tmp_path, tokenizer, pool):
+    from hf_datasel.spectra import gradient_spectra
+    from hf_datasel.synthetic import build_model, save_and_reload
+
+    model, tok = save_and_reload(build_model(tokenizer, seed=0), tokenizer, tmp_path / "model")
+    rows = pool.select(range(12))
+    rows.to_json(tmp_path / "rows.jsonl")
+    args = ["--layers", "0", "--projections", "q,v", "--group-by", "task", "--max-length", "32"]
+    result = invoke(
+        "spectral", tmp_path / "model", tmp_path / "rows.jsonl", tmp_path / "sp", "--run-dir", tmp_path / "run", *args
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "sp" / "spectra.png").exists()
+    direct = gradient_spectra(model, rows, tok, layers=[0], projections=("q", "v"), max_length=32)
+    direct.report(group_by="task").to_csv(tmp_path / "direct.csv")
+    assert (tmp_path / "sp" / "spectra_layers.csv").read_text() == (tmp_path / "direct.csv").read_text()
+
+    chose = invoke(
+        "select", tmp_path / "run", tmp_path / "rows.jsonl", "-m", "spectral", "-b", "4", "-o", tmp_path / "sel"
+    )
+    assert chose.exit_code == 0, chose.output
+    loaded = load_local_dataset(tmp_path / "rows.jsonl")
+    expected = DataSelector.from_run(tmp_path / "run", loaded).select("spectral", budget=4)
+    assert load_dataset(str(tmp_path / "sel"), split="train").to_list() == expected.to_list()
+    assert_user_error(
+        invoke("spectral", tmp_path / "nomodel", tmp_path / "rows.jsonl", tmp_path / "sp2"), "no model at"
+    )
+
+
+def test_record_through_the_recipe_then_report(tmp_path):
+    out = tmp_path / "warm"
+    result = invoke("record", "--", "--tiny", "--output_dir", out, "--pool_size", "16", "--max_steps", "2")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(invoke("report", out, "--json").stdout)
+    assert summary["loss_records"] == 16 and summary["world_size"] == 1 and summary["last_step"] == 2

@@ -69,3 +69,21 @@ def test_less_recipe(outputs):
     card = DatasetCard.load(outputs / "less" / "subset" / "README.md").data.to_dict()["datasel"]
     assert card["method"] == "less" and card["scores"]["count"] == 12
     assert sorted(selector.store.manifest["snapshots"][i]["step"] for i in range(2)) == [4, 8]
+
+
+def test_cli_selects_less_from_the_recipe_run(outputs, tmp_path):
+    """`hf-datasel select -m less --targets ...` on the recipe's store gives the recipe's subset (cached features)."""
+    from typer.testing import CliRunner
+
+    from hf_datasel.cli import app
+
+    make_pool(48, noise=0.2, seed=0).to_json(tmp_path / "pool.jsonl")
+    make_pool(16, tasks=("add",), noise=0.0, seed=1).to_json(tmp_path / "targets.jsonl")
+    args = ["select", outputs / "less", tmp_path / "pool.jsonl", "-m", "less", "-b", "12", "-o", tmp_path / "sel"]
+    args += ["--targets", tmp_path / "targets.jsonl", "-p", "k=32", "-p", "max_length=32", "--with-scores"]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    chosen = load_dataset(str(tmp_path / "sel"), split="train")
+    recipe = load_dataset(str(outputs / "less" / "subset"), split="train")
+    assert chosen.remove_columns("datasel_score").to_list() == recipe.to_list()
+    assert len(chosen) == 12 and all(s == s for s in chosen["datasel_score"])
