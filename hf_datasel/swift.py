@@ -35,6 +35,7 @@ from .featurize import check_same_space, gradient_features
 from .store import RunStore
 
 DEFAULT_NEAR_ZERO = 1e-3
+Spread = Literal["pairs", "probes"]
 TABLE_COLUMNS = (
     "step",
     "strategy",
@@ -83,15 +84,20 @@ def near_zero_evals(eval_norm2: np.ndarray, near_zero: float = DEFAULT_NEAR_ZERO
     return ~finite | (eval_norm2 <= 0) | small
 
 
-def _spread(values: np.ndarray) -> tuple[float, float, float, int]:
+def _stats(scores: np.ndarray, keep: np.ndarray, spread: Spread) -> tuple[float, float, float, int]:
+    """(mean over kept pairs, std, sem, pairs) of a (probes, evals) block; std/sem over pairs or per-probe means."""
+    values = scores[keep]
     n = int(values.size)
     if n == 0:
         return np.nan, np.nan, np.nan, 0
     mean = float(values.mean())
-    if n == 1:
-        return mean, np.nan, np.nan, 1
+    if spread == "probes":
+        counts = keep.sum(axis=1)
+        values = np.where(keep, scores, 0.0).sum(axis=1)[counts > 0] / counts[counts > 0]
+    if values.size < 2:
+        return mean, np.nan, np.nan, n
     std = float(values.std(ddof=1))
-    return mean, std, std / np.sqrt(n), n
+    return mean, std, std / np.sqrt(values.size), n
 
 
 def aggregate_relinf(
@@ -102,15 +108,20 @@ def aggregate_relinf(
     eval_tasks: Sequence[str],
     steps: Sequence[int],
     near_zero: float = DEFAULT_NEAR_ZERO,
+    spread: Spread = "pairs",
 ) -> pd.DataFrame:
-    """In-task and cross-task RelInf per strategy and snapshot: mean, std (ddof=1), sem = std/√n, pair count n.
+    """In-task and cross-task RelInf per strategy and snapshot: mean over pairs, std (ddof=1), sem, pair count.
 
     `scores` is (T, P, E), `eval_norm2` (T, E). Pairs whose eval is near zero at that snapshot
     (see `near_zero_evals`) or whose score is not finite are left out; `excluded_evals` counts
-    the evals dropped at the snapshot, `excluded_pairs` the strategy's pairs dropped. The
-    spread is over pairs, which share probes and evals, so the sem is a lower bound on the
-    uncertainty: read it as a size of the scatter, not as a test.
+    the evals dropped at the snapshot, `excluded_pairs` the strategy's pairs dropped.
+
+    `spread="pairs"`: std and sem = std/√pairs over the pairs. Pairs share probes and evals, so
+    this sem understates the uncertainty; `spread="probes"` takes std and sem = std/√probes over
+    each probe's mean score instead (probes are the independent draws of a strategy).
     """
+    if spread not in ("pairs", "probes"):
+        raise ValueError(f"spread must be 'pairs' or 'probes', not {spread!r}")
     scores, eval_norm2 = np.asarray(scores, np.float64), np.asarray(eval_norm2, np.float64)
     probe_tasks, probe_strategies = np.asarray(probe_tasks, str), np.asarray(probe_strategies, str)
     eval_tasks, steps = np.asarray(eval_tasks, str), np.asarray(steps, np.int64)
@@ -127,8 +138,8 @@ def aggregate_relinf(
         for strategy in dict.fromkeys(probe_strategies):  # first-seen order
             mine = probe_strategies == strategy
             s, ok, same = scores[t][mine], valid[mine], same_task[mine]
-            in_stats = _spread(s[ok & same])
-            cross_stats = _spread(s[ok & ~same])
+            in_stats = _stats(s, ok & same, spread)
+            cross_stats = _stats(s, ok & ~same, spread)
             rows.append(
                 (int(steps[t]), str(strategy), *in_stats, *cross_stats, int(dropped[t].sum()), int((~ok).sum()))
             )
@@ -156,6 +167,7 @@ class SwiftReport:
         eval_tasks: Sequence[str],
         near_zero: float = DEFAULT_NEAR_ZERO,
         info: dict[str, Any] | None = None,
+        spread: Spread = "pairs",
     ):
         self.steps = np.asarray(steps, np.int64)
         self.scores = np.asarray(scores, np.float64)
@@ -164,6 +176,7 @@ class SwiftReport:
         self.probe_strategies = [str(x) for x in probe_strategies]
         self.eval_tasks = [str(x) for x in eval_tasks]
         self.near_zero = float(near_zero)
+        self.spread: Spread = spread
         self.info = dict(info or {})
         self.table = aggregate_relinf(
             self.scores,
@@ -173,6 +186,7 @@ class SwiftReport:
             self.eval_tasks,
             self.steps,
             self.near_zero,
+            spread,
         )
         self.excluded = near_zero_evals(self.eval_norm2, self.near_zero)
 
@@ -180,8 +194,8 @@ class SwiftReport:
     def strategies(self) -> list[str]:
         return list(dict.fromkeys(self.probe_strategies))
 
-    def with_near_zero(self, near_zero: float) -> SwiftReport:
-        """The same scores summarized with another near-zero threshold (no gradients recomputed)."""
+    def with_settings(self, near_zero: float | None = None, spread: Spread | None = None) -> SwiftReport:
+        """The same scores summarized with another near-zero threshold and/or spread (no gradients recomputed)."""
         return SwiftReport(
             self.steps,
             self.scores,
@@ -189,8 +203,9 @@ class SwiftReport:
             self.probe_tasks,
             self.probe_strategies,
             self.eval_tasks,
-            near_zero,
+            self.near_zero if near_zero is None else near_zero,
             self.info,
+            self.spread if spread is None else spread,
         )
 
     def compare(self, baseline: str) -> pd.DataFrame:
@@ -247,7 +262,7 @@ class SwiftReport:
         left_out = int(self.excluded.sum())
         return (
             f"Swift Study: RelInf = <g(probe), g(eval)> / <g(eval), g(eval)> over {len(self.steps)} snapshot(s), "
-            f"{len(self.probe_tasks)} probes, {len(self.eval_tasks)} evals.\n{text}\n"
+            f"{len(self.probe_tasks)} probes, {len(self.eval_tasks)} evals; std/sem over {self.spread}.\n{text}\n"
             f"Left out (eval already learned: <g(e),g(e)> <= {self.near_zero:g} x median, or no gradient): "
             f"{left_out} eval-snapshot(s)."
         )
@@ -270,12 +285,12 @@ class SwiftReport:
             for i, strategy in enumerate(self.strategies):
                 rows = self.table[self.table["strategy"] == strategy].sort_values("step")
                 x, y = rows["step"].to_numpy(), rows[f"{scope}_mean"].to_numpy(float)
-                spread = np.nan_to_num(rows[f"{scope}_{band}"].to_numpy(float))
+                width = np.nan_to_num(rows[f"{scope}_{band}"].to_numpy(float))
                 color = colors[i % len(colors)]
                 ax.plot(x, y, marker="o", color=color, label=strategy)
-                ax.fill_between(x, y - spread, y + spread, color=color, alpha=0.2, linewidth=0)
+                ax.fill_between(x, y - width, y + width, color=color, alpha=0.2, linewidth=0)
             ax.axhline(0.0, color="0.5", linewidth=0.8, linestyle="--")
-            ax.set_title(f"{label} RelInf (mean ± {band})")
+            ax.set_title(f"{label} RelInf (mean ± {band} over {self.spread})")
             ax.set_xlabel("training step (snapshot)")
             ax.set_ylabel("RelInf")
             ax.grid(alpha=0.3)
@@ -305,6 +320,7 @@ class SwiftReport:
         self.table.to_csv(paths["csv"], index=False)
         payload = {
             "near_zero": self.near_zero,
+            "spread": self.spread,
             "steps": self.steps.tolist(),
             "strategies": self.strategies,
             "num_probes": len(self.probe_tasks),
@@ -341,6 +357,7 @@ class SwiftReport:
             arrays["eval_tasks"].tolist(),
             settings["near_zero"] if near_zero is None else near_zero,
             settings.get("info"),
+            settings.get("spread", "pairs"),
         )
 
 
@@ -354,6 +371,7 @@ def swift_study(
     projection_dim: int | None = None,
     projection_seed: int = 0,
     near_zero: float = DEFAULT_NEAR_ZERO,
+    spread: Spread = "pairs",
     batch_size: int = 16,
     max_length: int | None = 1024,
     task_column: str = "task",
@@ -375,6 +393,8 @@ def swift_study(
             seeded random projections of that size (for models too big for exact inner products).
         near_zero: an eval is left out at a snapshot when its ⟨g(e), g(e)⟩ is at most this
             fraction of the median over evals there (it is already learned; RelInf would explode).
+        spread: what the table's std/sem are taken over: "pairs" or per-probe means ("probes");
+            see `aggregate_relinf`.
         batch_size, max_length: batching and truncation of the gradient passes.
         model, tokenizer, device: overrides; by default rebuilt from the store.
 
@@ -420,6 +440,7 @@ def swift_study(
         evals[task_column],
         near_zero,
         info,
+        spread,
     )
 
 
@@ -471,6 +492,7 @@ def run_swift_cli(
     steps: Sequence[int] | None = None,
     projection_dim: int | None = None,
     near_zero: float = DEFAULT_NEAR_ZERO,
+    spread: Spread = "pairs",
     band: Literal["sem", "std"] = "sem",
     batch_size: int = 16,
     task_column: str = "task",
@@ -482,7 +504,8 @@ def run_swift_cli(
     Writes `swift_table.csv`, `swift_table.json`, `swift_scores.npz` and `swift.png` under
     `out_dir`, prints the table (unless `print_summary=False`) and returns the paths (keys
     "csv", "json", "scores", "png"). `steps` picks snapshots (default all); `projection_dim`
-    projects gradients (default exact); `near_zero` and `band` as in `swift_study` / `SwiftReport.plot`.
+    projects gradients (default exact); `near_zero`, `spread` and `band` as in `swift_study` /
+    `SwiftReport.plot`.
     """
     report = swift_study(
         run_dir,
@@ -491,6 +514,7 @@ def run_swift_cli(
         steps=steps,
         projection_dim=projection_dim,
         near_zero=near_zero,
+        spread=spread,
         batch_size=batch_size,
         task_column=task_column,
         strategy_column=strategy_column,

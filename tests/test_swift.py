@@ -46,6 +46,21 @@ def test_aggregate_means_spread_counts_and_exclusions():
     assert table["in_task_mean"].max() < 10
 
 
+def test_spread_over_probes():
+    scores, norm2, pt, ps, et, steps = _hand_made()
+    table = aggregate_relinf(scores, norm2, pt, ps, et, steps, spread="probes")
+    row = table.iloc[0]  # step 10, direct: per-probe in-task means (2.0, 2.0), cross-task means (0.5, 0.2)
+    assert row.in_task_mean == pytest.approx(2.0) and row.in_task_std == pytest.approx(0.0)
+    assert row.cross_task_mean == pytest.approx(0.3)  # the mean stays the mean over pairs
+    assert row.cross_task_std == pytest.approx(np.std([0.5, 0.2], ddof=1))
+    assert row.cross_task_sem == pytest.approx(np.std([0.5, 0.2], ddof=1) / np.sqrt(2))
+    assert (row.in_task_pairs, row.cross_task_pairs) == (3, 3)
+    report = SwiftReport(steps, scores, norm2, pt, ps, et).with_settings(spread="probes")
+    assert report.table.equals(table) and "over probes" in report.summary()
+    with pytest.raises(ValueError):
+        aggregate_relinf(scores, norm2, pt, ps, et, steps, spread="evals")
+
+
 def test_near_zero_threshold_is_relative_and_configurable():
     norm2 = np.array([[1.0, 1.0, 0.05, 0.0, np.nan]])
     assert near_zero_evals(norm2, 1e-3).tolist() == [[False, False, False, True, True]]
@@ -101,11 +116,13 @@ def test_report_save_load_plot(tmp_path):
     scores, norm2, pt, ps, et, steps = _hand_made()
     report = SwiftReport(steps, scores, norm2, pt, ps, et, info={"run": "x"})
     assert report.strategies == ["direct", "cot"] and report.excluded.sum() == 1
+    paths = report.with_settings(spread="probes").save(tmp_path)
+    assert SwiftReport.load(tmp_path).spread == "probes"
     paths = report.save(tmp_path)
     again = SwiftReport.load(tmp_path)
     assert again.table.equals(report.table) and again.info == {"run": "x"}
     assert SwiftReport.load(tmp_path, near_zero=0.0).excluded.sum() == 0
-    assert report.with_near_zero(0.0).table["excluded_evals"].sum() == 0
+    assert report.with_settings(near_zero=0.0).table["excluded_evals"].sum() == 0
     assert paths["csv"].read_text().splitlines()[0].startswith("step,strategy,in_task_mean")
     png = tmp_path / "swift.png"
     report.plot(png)
@@ -269,6 +286,8 @@ def test_example_runs_and_cli_writes_table_and_plot(tmp_path):
     paths = run_swift_cli(run, run / "probes.jsonl", run / "evals.jsonl", tmp_path / "cli", near_zero=0.01, band="std")
     table = pd.read_csv(paths["csv"])
     assert table.shape[0] == 4 and list(table.columns[:3]) == ["step", "strategy", "in_task_mean"]
-    np.testing.assert_allclose(table["in_task_mean"], report.with_near_zero(0.01).table["in_task_mean"], rtol=1e-6)
+    np.testing.assert_allclose(
+        table["in_task_mean"], report.with_settings(near_zero=0.01).table["in_task_mean"], rtol=1e-6
+    )
     assert json.loads(paths["json"].read_text())["near_zero"] == 0.01
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
