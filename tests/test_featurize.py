@@ -298,3 +298,18 @@ def test_generic_path_handles_keyword_inputs():
         torch.nn.functional.cross_entropy(logits[0, :-1], labels[i, 1:], ignore_index=-100).backward()
         for name, p in toy.named_parameters():
             torch.testing.assert_close(grads[name][i], p.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["sparse", "rademacher"])
+def test_fused_and_blockwise_paths_agree(tokenizer, rows, kind):
+    """Small P: one (B, P) buffer; large P: block by block. Same features either way."""
+    model = _model(tokenizer, peft=True)
+    shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+    snapshot = _fake_snapshot(model)
+    batch = pad_batch(rows[:6], tokenizer.pad_token_id)
+    out = []
+    for fuse_bytes in (1 << 30, 0):
+        f = Featurizer(model, ProjectorSpec.create(shapes, k=96, seed=3, kind=kind), "cpu", fuse_bytes=fuse_bytes)
+        f.set_snapshot(snapshot, "adam")
+        out.append(f.batch_features(batch)[0])
+    torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-6)

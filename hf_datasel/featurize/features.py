@@ -65,26 +65,34 @@ def adam_precondition(
     """
     beta1, beta2 = betas
     g = grad.float()
-    m = exp_avg.unsqueeze(0) * beta1 + g * (1 - beta1)
-    v = exp_avg_sq.unsqueeze(0) * beta2 + g.square() * (1 - beta2)
+    m = torch.add(exp_avg * beta1, g, alpha=1 - beta1)  # (B, *shape)
+    v = torch.addcmul(exp_avg_sq * beta2, g, g, value=1 - beta2)
     if form == "adam_reference":
-        return m / torch.sqrt(v + 1e-8)
+        return m.div_(v.add_(1e-8).sqrt_())
     if form != "adam":
         raise ValueError(f"Adam form must be 'adam' or 'adam_reference', not {form!r}")
     t = int(step) + 1
-    return (m / (1 - beta1**t)) / (torch.sqrt(v / (1 - beta2**t)) + eps)
+    return m.div_(1 - beta1**t).div_(v.div_(1 - beta2**t).sqrt_().add_(eps))
 
 
 # -- the batch featurizer ---------------------------------------------------------------
 class Featurizer:
     """(B, k) gradient features of padded batches for one model at one snapshot.
 
-    One forward and one backward per batch (see `grads.PerSampleGradients`); each parameter's
-    per-sample gradient block is preconditioned and projected as soon as it is ready, so only
-    one block of (B, *shape) is alive at a time.
+    One forward and one backward per batch (see `grads.PerSampleGradients`). When the batch's
+    per-sample gradients fit in `fuse_bytes` (B × P floats; LoRA adapters usually do) they are
+    gathered into one (B, P) buffer and preconditioned and projected in a few large operations;
+    otherwise each parameter's block is preconditioned and projected as soon as it is ready, so
+    only one (B, *shape) block is alive at a time.
     """
 
-    def __init__(self, model: torch.nn.Module, spec: ProjectorSpec, device: str | torch.device | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        spec: ProjectorSpec,
+        device: str | torch.device | None = None,
+        fuse_bytes: int = 1 << 28,
+    ):
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
             base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -97,8 +105,10 @@ class Featurizer:
             raise ValueError("the model's trainable parameter shapes differ from the projector spec's")
         self.projector = Projector(spec, self.device)
         self.preconditioner: Preconditioner = "none"
+        self.fuse_bytes = fuse_bytes
         self._snapshot: Snapshot | None = None
         self._moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._flat_moments: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def set_snapshot(self, snapshot: Snapshot | None, preconditioner: Preconditioner = "none") -> None:
         """Load `snapshot`'s weights into the model and use its moments for `preconditioner`."""
@@ -117,21 +127,38 @@ class Featurizer:
                 n: (snapshot.exp_avg[n].to(self.device), snapshot.exp_avg_sq[n].to(self.device))
                 for n in self.spec.param_names
             }
+            self._flat_moments = tuple(
+                torch.cat([self._moments[n][i].reshape(-1) for n in self.spec.param_names]) for i in (0, 1)
+            )
         self.preconditioner = preconditioner
         self._snapshot = snapshot
 
     def batch_features(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(features (B, k) float32, per-sample loss (B,), valid (B,)) for one padded batch."""
         batch = {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
-        out = self.projector.new_output(batch["input_ids"].shape[0])
+        size = batch["input_ids"].shape[0]
         snap = self._snapshot
+        step = (snap.optimizer_step or 0) if snap is not None else 0
+        if size * self.spec.num_params * 4 <= self.fuse_bytes:
+            buffer = torch.empty(size, self.spec.num_params, device=self.device)
+            offsets = self.projector.offsets
+
+            def gather(name: str, grads: torch.Tensor) -> None:
+                start = offsets[name]
+                buffer[:, start : start + grads[0].numel()] = grads.reshape(size, -1)
+
+            _, loss, valid = self.engine(batch["input_ids"], batch["attention_mask"], batch["labels"], consume=gather)
+            if self.preconditioner != "none":
+                m, v = self._flat_moments
+                buffer = adam_precondition(buffer, m, v, step, snap.betas, snap.eps, self.preconditioner)
+            return self.projector.project_flat(buffer), loss, valid
+
+        out = self.projector.new_output(size)
 
         def consume(name: str, grads: torch.Tensor) -> None:
             if self.preconditioner != "none":
                 m, v = self._moments[name]
-                grads = adam_precondition(
-                    grads, m, v, snap.optimizer_step or 0, snap.betas, snap.eps, self.preconditioner
-                )
+                grads = adam_precondition(grads, m, v, step, snap.betas, snap.eps, self.preconditioner)
             self.projector.add(out, name, grads)
 
         _, loss, valid = self.engine(batch["input_ids"], batch["attention_mask"], batch["labels"], consume=consume)

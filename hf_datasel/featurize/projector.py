@@ -162,7 +162,8 @@ class Projector:
         for name, shape in self._shapes.items():
             offsets[name] = start
             start += math.prod(shape)
-        self._offsets = offsets
+        self.offsets = offsets
+        self._full_sparse: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def chunk(self, name: str, index: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Rows [index*chunk_rows, ...) of parameter `name`'s block of R: a (rows, k) float32 matrix,
@@ -203,7 +204,7 @@ class Projector:
         """Add the projection of one parameter's per-sample gradients (B, *shape) into `out` (B, k)."""
         flat = grads.reshape(grads.shape[0], -1).float()
         if self.spec.kind == "identity":
-            start = self._offsets[name]
+            start = self.offsets[name]
             out[:, start : start + flat.shape[1]] = flat
             return
         rows = self.spec.chunk_rows
@@ -214,3 +215,25 @@ class Projector:
                     out.index_add_(1, target, flat[:, start : start + rows] * sign)
             else:
                 out.addmm_(flat[:, start : start + rows], self.chunk(name, index))
+
+    def project_flat(self, flat: torch.Tensor) -> torch.Tensor:
+        """Project (B, P) gradients laid out in spec order (the same result as `add` block by block)."""
+        if self.spec.kind == "identity":
+            return flat
+        out = self.new_output(flat.shape[0])
+        if self.spec.kind == "sparse" and self.spec.num_params * 12 <= self.cache_bytes:
+            if self._full_sparse is None:
+                parts = [
+                    self.chunk(name, i)
+                    for name, shape in self._shapes.items()
+                    for i in range(math.ceil(math.prod(shape) / self.spec.chunk_rows))
+                ]
+                self._full_sparse = (torch.cat([t for t, _ in parts]), torch.cat([s for _, s in parts]))
+            target, sign = self._full_sparse
+            with _deterministic(out.is_cuda):
+                out.index_add_(1, target, flat * sign)
+            return out
+        for name, shape in self._shapes.items():
+            start = self.offsets[name]
+            self.add(out, name, flat[:, start : start + math.prod(shape)])
+        return out

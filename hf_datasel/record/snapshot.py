@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 from transformers.utils import logging
 
 from ..store import RunStore, write_json
-from .trainer_hooks import calling_trainer, is_main_process
+from .trainer_hooks import is_main_process
 
 SNAPSHOT_DIR = "snapshots"
 INDEX_FILE = "index.json"
@@ -68,33 +68,26 @@ class SnapshotCallback(TrainerCallback):
             (`on_save`, which runs after checkpoint rotation, so `save_total_limit` does not matter).
         save_tokenizer: also `save_pretrained` the trainer's processing class into the store, so
             featurizing later needs nothing but the store.
-        trainer: the trainer, when the callback is added after `Trainer.__init__`.
 
     The learning-rate weight of a snapshot (`lr_mean`) is the mean learning rate the optimizer
     used over the steps since the previous snapshot (LESS weights checkpoints by it); `lr` is the
-    learning rate at the moment of the snapshot. Only the main process writes.
+    learning rate at the moment of the snapshot. Only the main process writes. Parameters must be
+    whole on the main process (DDP or a single process; FSDP/ZeRO-3 sharded parameters are not supported).
     """
 
-    def __init__(
-        self, steps: Sequence[int] | None = None, save_tokenizer: bool = True, trainer: Trainer | None = None
-    ):
+    def __init__(self, steps: Sequence[int] | None = None, save_tokenizer: bool = True):
         if steps is not None:
             steps = sorted({int(s) for s in steps})
             if any(s <= 0 for s in steps):
                 raise ValueError("SnapshotCallback: steps must be positive global steps.")
         self.steps = steps
         self.save_tokenizer = save_tokenizer
-        self.trainer = trainer
         self.store: RunStore | None = None
         self._lr_sum = 0.0
         self._lr_count = 0
         self._model_saved = False
 
-    # -- wiring -------------------------------------------------------------------
-    def on_init_end(self, args, state, control, **kwargs):
-        if self.trainer is None:
-            self.trainer = calling_trainer()  # optional: only used for the store location fallback
-
+    # -- events -------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
         self.store = RunStore.for_output_dir(args.output_dir)
         self._lr_sum, self._lr_count = 0.0, 0
@@ -162,6 +155,11 @@ def take_snapshot(model: torch.nn.Module, optimizer, step: int) -> tuple[dict[st
             continue
         if id(p) not in group_of:
             raise ValueError(f"SnapshotCallback: trainable parameter {name!r} is not in the optimizer.")
+        if p.numel() == 0:
+            raise ValueError(
+                f"SnapshotCallback: parameter {name!r} is empty on this process (sharded by FSDP/ZeRO-3?); "
+                "snapshots need whole parameters."
+            )
         groups_used.add(group_of[id(p)])
         names.append(name)
         shapes.append(list(p.shape))
