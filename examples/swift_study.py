@@ -144,6 +144,7 @@ def main(
     seed: int = 0,
     strategies: tuple[str, ...] = ("direct", "cot"),
     reuse: bool = False,
+    spread: str = "pairs",
 ):
     """Warm up (unless `reuse` and snapshots exist), build probes and evals, run the Swift Study; print the
     table and write the plot and files."""
@@ -158,7 +159,7 @@ def main(
     probes, evals = make_probes(probes_per_task, strategies=strategies), make_evals(evals_per_task)
     probes.to_json(output_dir / "probes.jsonl")  # the same inputs for `hf-datasel swift`
     evals.to_json(output_dir / "evals.jsonl")
-    report = swift_study(output_dir, probes=probes, evals=evals, projection_dim=projection_dim)
+    report = swift_study(output_dir, probes=probes, evals=evals, projection_dim=projection_dim, spread=spread)
     print(report.summary())
     if "direct" in strategies and len(strategies) > 1:
         print("\nminus direct (a positive cross_task_diff: these probes help the other tasks more than direct ones):")
@@ -183,6 +184,7 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--strategies", default="direct,cot", help="comma-separated, from direct, cot, wrong")
     parser.add_argument("--reuse", action="store_true", help="skip the warmup when the output dir has snapshots")
+    parser.add_argument("--spread", choices=("pairs", "probes"), default="pairs", help="std/sem over pairs or probes")
     a = parser.parse_args()
     datasets.disable_progress_bars()
     main(
@@ -197,4 +199,5 @@ if __name__ == "__main__":
         a.seed,
         tuple(a.strategies.split(",")),
         a.reuse,
+        a.spread,
     )
