@@ -214,6 +214,40 @@ def test_relinf_equals_one_at_a_time_autograd(snapshot_run, tokenizer):
     assert (cot.in_task_pairs, cot.cross_task_pairs) == (3, 5)  # add→2 add evals, rev→1 rev eval; 8 pairs in all
 
 
+def test_relinf_on_lora_weights_equals_autograd(tmp_path, tokenizer, pool):
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from trl import SFTTrainer
+
+    from hf_datasel import SnapshotCallback, swift_study
+    from hf_datasel.synthetic import build_model
+    from tests.conftest import sft_config
+
+    def lora_model():
+        config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
+        return get_peft_model(build_model(tokenizer, seed=0), config)
+
+    trainer = SFTTrainer(
+        model=lora_model(),
+        args=sft_config(tmp_path, max_steps=2, learning_rate=1e-2),
+        train_dataset=pool,
+        processing_class=tokenizer,
+        callbacks=[SnapshotCallback(steps=[2])],
+    )
+    trainer.train()
+    probes, evals = _probes_and_evals()
+    report = swift_study(tmp_path, probes=probes, evals=evals, model=lora_model())
+    assert report.info["trainable_parameters"] == 2 * 2 * 4 * (64 + 64)  # 2 layers x (q, v) x r x (in + out)
+    model = lora_model()  # base weights never trained, so equal to the run's; adapters from the snapshot
+    path = tmp_path / "datasel" / "snapshots" / "step-000002.safetensors"
+    weights = {k.removeprefix("param::"): v for k, v in load_file(str(path)).items() if k.startswith("param::")}
+    assert all("lora_" in name for name in weights)
+    model.load_state_dict(weights, strict=False)
+    model.eval()
+    gp, ge = _loop_gradients(model, tokenizer, probes), _loop_gradients(model, tokenizer, evals)
+    np.testing.assert_allclose(report.scores[0], ((gp @ ge.T) / (ge * ge).sum(1)).numpy(), rtol=1e-4, atol=1e-6)
+
+
 def test_projected_relinf_tracks_exact(snapshot_run):
     from hf_datasel import swift_study
 
