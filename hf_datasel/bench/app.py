@@ -1,0 +1,70 @@
+"""`hf-datasel bench quality|perf`: the benchmark commands, as a typer sub-app.
+
+The main CLI mounts it with `app.add_typer(bench_app, name="bench")`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+bench_app = typer.Typer(
+    name="bench",
+    help="Benchmarks: does the selection work (quality), and how fast (perf).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@bench_app.command()
+def quality(
+    mode: str = typer.Option("quick", help="quick (3 seeds, ≤ 20 min on 2 CPU cores) or full (5 seeds, larger)."),
+    seeds: Annotated[
+        list[int] | None, typer.Option("--seed", help="Seeds to run (repeat the option); default by mode.")
+    ] = None,
+    variants: Annotated[
+        list[str] | None, typer.Option("--variant", help="Methods to run (repeat); default: all registered.")
+    ] = None,
+    large_steps: int = typer.Option(None, min=1, help="Training steps of the large model on each subset."),
+    pool_size: int = typer.Option(None, min=20, help="Rows in the synthetic pool."),
+    output_dir: str = typer.Option(None, help="Where the recorded runs go (default runs/bench/quality)."),
+    results_dir: str = typer.Option("docs/bench", help="Where quality.json, quality.png and quality.md go."),
+) -> None:
+    """Train a larger model on each method's subset at 5/10/25 %; target-task and all-task eval vs random/full."""
+    from .quality import QualityConfig, markdown_table, run_quality
+
+    if mode not in ("quick", "full"):
+        raise typer.BadParameter("mode must be 'quick' or 'full'", param_hint="--mode")
+    overrides = {
+        "seeds": tuple(seeds) if seeds else None,
+        "variants": tuple(variants) if variants else None,
+        "large_steps": large_steps,
+        "pool_size": pool_size,
+        "output_dir": output_dir,
+        "results_dir": results_dir,
+    }
+    config = QualityConfig.for_mode(mode, **{k: v for k, v in overrides.items() if v is not None})
+    result = run_quality(config)
+    typer.echo(markdown_table(result))
+    typer.echo(json.dumps(result["goals"], indent=1))
+
+
+@bench_app.command()
+def perf(
+    parts: Annotated[
+        list[str] | None, typer.Option("--part", help="Parts to run (repeat the option); default: all.")
+    ] = None,
+    rows: int = typer.Option(1_000_000, min=100, help="Rows for the S2L / LESS / G2IS scoring parts."),
+    out: str = typer.Option("docs/bench/perf.json", help="Where the JSON result goes."),
+) -> None:
+    """Recorder overhead, featurizer, spectra, and S2L/LESS/G2IS at scale, each as a ratio measured in one run."""
+    from .perf import PARTS, PerfConfig, markdown_table, run_perf
+
+    unknown = sorted(set(parts or ()) - set(PARTS))
+    if unknown:
+        raise typer.BadParameter(f"unknown part(s) {unknown}; choose from {list(PARTS)}", param_hint="--part")
+    result = run_perf(PerfConfig(parts=tuple(parts) if parts else PARTS, rows=rows), out=out, log=typer.echo)
+    typer.echo(markdown_table(result))

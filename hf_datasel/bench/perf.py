@@ -1,0 +1,376 @@
+"""Performance: how fast each step of the flow is, as ratios measured side by side in one run.
+
+    hf-datasel bench perf                              # every part; scoring parts on 1 000 000 rows
+    hf-datasel bench perf --rows 100000 --parts s2l_kmeans less_scoring
+    python -m hf_datasel.bench.perf --out docs/bench/perf.json
+
+Parts (each runs in its own child process, so its peak memory is its own):
+
+* `recorder` — training step with and without `LossRecorderCallback` (`hf_datasel.bench.recorder`);
+* `featurize` — per-sample gradient featurizer vs a plain training step vs the reference
+  batch-size-1 LESS approach (`hf_datasel.bench.featurize`, the gradient engine's own bench);
+* `spectra` — factored singular values vs forming each gradient and a full SVD
+  (`hf_datasel.bench.spectra`);
+* `s2l_kmeans` — S2L's k-means + balanced sampling on `rows` synthetic loss trajectories,
+  read from a memory-mapped file;
+* `less_scoring` — LESS scores of `rows` memory-mapped fp16 features at several snapshots;
+* `g2is` — G2IS's PCA + lazy-kNN gradient walk on `rows` memory-mapped features
+  (`hf_datasel.bench.g2is`).
+
+A part that fails or whose module is missing is reported with its error; the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..store import write_json
+
+PARTS = ("recorder", "featurize", "spectra", "s2l_kmeans", "less_scoring", "g2is")
+
+
+@dataclass
+class PerfConfig:
+    """Sizes of each part. The defaults are the README's numbers; tests shrink them."""
+
+    parts: tuple[str, ...] = PARTS
+    rows: int = 1_000_000
+    # recorder
+    recorder_steps: int = 40
+    recorder_repeats: int = 5
+    # featurize (gradient engine bench)
+    featurize_model: str = "proxy"
+    featurize_batches: int = 8
+    featurize_rounds: int = 5
+    featurize_k: int = 8192
+    # spectra
+    spectra_d: int = 512
+    spectra_tokens: int = 128
+    spectra_rows: int = 16
+    spectra_layers: int = 2
+    # S2L
+    trajectory_length: int = 8
+    num_clusters: int = 100
+    # LESS / G2IS
+    dims: int = 512
+    snapshots: int = 4
+    target_rows: int = 64
+    budget_share: float = 0.01
+    g2is_budget_share: float = 0.001
+    g2is_dims: int = 256
+    timeout_s: int = 3600
+    workdir: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+# -- parts (run inside a child process) ------------------------------------------------------
+
+
+def part_recorder(config: PerfConfig, workdir: Path) -> dict[str, Any]:
+    from .recorder import run_recorder_bench
+
+    r = run_recorder_bench(steps=config.recorder_steps, repeats=config.recorder_repeats, workdir=workdir)
+    return {
+        "plain_median_step_ms": r["plain"]["median_step_ms"],
+        "recorder_median_step_ms": r["recorder"]["median_step_ms"],
+        "overhead": r["overhead"],
+        "overhead_paired_median": r["overhead_paired_median"],
+        "goal_overhead": r["goal_overhead"],
+        "meets_goal": r["meets_goal"],
+        "settings": r["settings"],
+    }
+
+
+def part_featurize(config: PerfConfig, workdir: Path) -> dict[str, Any]:
+    from .featurize import run
+
+    r = run(
+        config.featurize_model, k=config.featurize_k, batches=config.featurize_batches, rounds=config.featurize_rounds
+    )
+    return {
+        "featurizer_vs_train_step": r.get("featurizer_vs_train_step"),
+        "featurizer_vs_reference": r.get("featurizer_vs_reference"),
+        "rows_per_s": r.get("rows_per_s"),
+        "peak_extra_memory_mib": r.get("peak_extra_memory_mib"),
+        "settings": {k: r.get(k) for k in ("model", "lora_rank", "trainable_params", "batch_size", "k", "rows")},
+    }
+
+
+def part_spectra(config: PerfConfig, workdir: Path) -> dict[str, Any]:
+    from .spectra import bench_end_to_end, bench_kernel
+
+    d, t, n = config.spectra_d, config.spectra_tokens, config.spectra_rows
+    kernel = bench_kernel(d, t, n)
+    end = bench_end_to_end(d, t, n, config.spectra_layers)
+    return {
+        "kernel": kernel,
+        "kernel_speedup_float32": kernel["explicit_float32_s"] / kernel["factored_float32_s"],
+        "kernel_speedup_float64": kernel["explicit_float64_s"] / kernel["factored_float64_s"],
+        "end_to_end": end,
+        "end_to_end_speedup": end["per_sample_full_svd_s"] / end["factored_float32_s"],
+        "settings": {"d": d, "tokens": t, "rows": n, "layers": config.spectra_layers, "times": "CPU seconds"},
+    }
+
+
+def synthetic_trajectories(path: Path, rows: int, length: int, seed: int = 0, chunk: int = 1 << 17) -> np.memmap:
+    """Loss curves `a·exp(-b·t) + c + noise`, some flat and high (noisy rows), as a float32 memmap."""
+    rng = np.random.default_rng(seed)
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, length))
+    t = np.linspace(0, 1, length, dtype=np.float32)
+    for lo in range(0, rows, chunk):
+        n = min(chunk, rows - lo)
+        a = rng.uniform(0.5, 3.0, (n, 1)).astype(np.float32)
+        b = rng.uniform(0.5, 6.0, (n, 1)).astype(np.float32)
+        c = rng.uniform(0.0, 1.0, (n, 1)).astype(np.float32)
+        flat = rng.random((n, 1)) < 0.2
+        curve = np.where(flat, a + c, a * np.exp(-b * t) + c)
+        out[lo : lo + n] = curve + rng.normal(0, 0.05, (n, length)).astype(np.float32)
+    out.flush()
+    return np.load(path, mmap_mode="r")
+
+
+def part_s2l_kmeans(config: PerfConfig, workdir: Path) -> dict[str, Any]:
+    from ..methods.s2l import balanced_sample, cluster_trajectories
+
+    started = time.perf_counter()
+    traj = synthetic_trajectories(workdir / "trajectories.npy", config.rows, config.trajectory_length)
+    generate_s = time.perf_counter() - started
+    base_rss = current_rss_mib()
+    budget = max(1, int(round(config.budget_share * config.rows)))
+    started = time.perf_counter()
+    labels = cluster_trajectories(traj, config.num_clusters, seed=0)
+    kmeans_s = time.perf_counter() - started
+    started = time.perf_counter()
+    chosen = balanced_sample(labels, budget, np.random.default_rng(0))
+    sample_s = time.perf_counter() - started
+    return {
+        "rows": config.rows,
+        "trajectory_length": config.trajectory_length,
+        "num_clusters": config.num_clusters,
+        "budget": budget,
+        "chosen": int(len(chosen)),
+        "generate_s": generate_s,
+        "kmeans_s": kmeans_s,
+        "balanced_sample_s": sample_s,
+        "total_s": kmeans_s + sample_s,
+        "rss_before_mib": base_rss,
+        "trajectory_file_mib": config.rows * config.trajectory_length * 4 / 2**20,
+    }
+
+
+def _unit_features(path: Path, rows: int, dims: int, rng: np.random.Generator, chunk: int = 1 << 16) -> np.ndarray:
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(rows, dims))
+    shared = rng.standard_normal(dims).astype(np.float32)
+    for lo in range(0, rows, chunk):
+        n = min(chunk, rows - lo)
+        block = rng.standard_normal((n, dims), dtype=np.float32) + 0.3 * shared
+        out[lo : lo + n] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    out.flush()
+    return np.load(path, mmap_mode="r")
+
+
+def part_less_scoring(config: PerfConfig, workdir: Path) -> dict[str, Any]:
+    from ..featurize import FeatureSet
+    from ..featurize.projector import ProjectorSpec
+    from ..methods.less import less_scores
+
+    rng = np.random.default_rng(0)
+    spec = ProjectorSpec.create({"w": (config.dims * 64,)}, k=config.dims, seed=0)
+    started = time.perf_counter()
+    train, targets = [], []
+    lrs = np.linspace(1.0, 0.25, config.snapshots)
+    for s in range(config.snapshots):
+        unit = _unit_features(workdir / f"train-{s}.npy", config.rows, config.dims, rng)
+        tgt = _unit_features(workdir / f"target-{s}.npy", config.target_rows, config.dims, rng)
+        common = dict(spec=spec, step=10 * (s + 1), lr=float(lrs[s]), lr_mean=float(lrs[s]), preconditioner="adam")
+        train.append(FeatureSet(path=workdir, unit=unit, norms=np.ones(config.rows, np.float32), meta={}, **common))
+        targets.append(
+            FeatureSet(path=workdir, unit=tgt, norms=np.ones(config.target_rows, np.float32), meta={}, **common)
+        )
+    for sets in (train, targets):
+        for fs in sets:
+            fs.weight = fs.lr_mean / float(lrs.sum())
+    generate_s = time.perf_counter() - started
+    base_rss = current_rss_mib()
+    budget = max(1, int(round(config.budget_share * config.rows)))
+    started = time.perf_counter()
+    score, _, _, _ = less_scores(train, targets, np.zeros(config.target_rows, np.int64))
+    score_s = time.perf_counter() - started
+    started = time.perf_counter()
+    top = np.argpartition(-score, budget - 1)[:budget]
+    topk_s = time.perf_counter() - started
+    return {
+        "rows": config.rows,
+        "dims": config.dims,
+        "snapshots": config.snapshots,
+        "target_rows": config.target_rows,
+        "budget": budget,
+        "chosen": int(len(top)),
+        "generate_s": generate_s,
+        "score_s": score_s,
+        "topk_s": topk_s,
+        "total_s": score_s + topk_s,
+        "rss_before_mib": base_rss,
+        "feature_files_mib": config.snapshots * config.rows * config.dims * 2 / 2**20,
+    }
+
+
+def part_g2is(config: PerfConfig, workdir: Path) -> dict[str, Any]:
+    out = workdir / "g2is.json"
+    cmd = [
+        sys.executable, "-m", "hf_datasel.bench.g2is", "--rows", str(config.rows), "--dims", str(config.g2is_dims),
+        "--budget-share", str(config.g2is_budget_share), "--workdir", str(workdir), "--json", str(out),
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, timeout=config.timeout_s)
+    result = json.loads(out.read_text())
+    return result[0] if isinstance(result, list) else result
+
+
+PART_FUNCTIONS = {
+    "recorder": part_recorder,
+    "featurize": part_featurize,
+    "spectra": part_spectra,
+    "s2l_kmeans": part_s2l_kmeans,
+    "less_scoring": part_less_scoring,
+    "g2is": part_g2is,
+}
+
+
+def _child(part: str, config_json: str, out: str) -> None:
+    """Run one part in this (child) process and write its result with timing and peak memory."""
+    config = PerfConfig(**json.loads(config_json))
+    config.parts = tuple(config.parts)
+    base = peak_rss_mib()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=config.workdir) as tmp:
+        result = PART_FUNCTIONS[part](config, Path(tmp))
+    result["wall_s"] = time.perf_counter() - started
+    result["peak_rss_mib"] = peak_rss_mib()
+    result["peak_rss_at_start_mib"] = base
+    Path(out).write_text(json.dumps(result, default=float))
+
+
+def run_part(part: str, config: PerfConfig) -> dict[str, Any]:
+    """Run `part` in a child process; its result, or `{"error": ...}` when it failed."""
+    if part not in PART_FUNCTIONS:
+        raise ValueError(f"unknown part {part!r}; choose from {PARTS}")
+    with tempfile.TemporaryDirectory(dir=config.workdir) as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "hf_datasel.bench.perf", "--child", part, json.dumps(asdict(config)), str(out)]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=config.timeout_s)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {config.timeout_s} s"}
+        if done.returncode != 0 or not out.exists():
+            return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1][:500]}
+        return json.loads(out.read_text())
+
+
+def run_perf(config: PerfConfig | None = None, out: str | os.PathLike | None = None, log=print) -> dict[str, Any]:
+    """Every part of `config.parts` in turn; the combined result (also written to `out`)."""
+    from .recorder import machine
+
+    config = config or PerfConfig()
+    started = time.perf_counter()
+    parts = {}
+    for part in config.parts:
+        log(f"perf: {part} ...")
+        parts[part] = run_part(part, config)
+        log(f"perf: {part}: {summary_line(part, parts[part])}")
+    result = {
+        "benchmark": "performance",
+        "settings": {**asdict(config), "parts": list(config.parts)},
+        "machine": {**machine(), "load_average_1min_at_end": round(os.getloadavg()[0], 2)},
+        "parts": parts,
+        "seconds": round(time.perf_counter() - started, 1),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if out:
+        write_json(out, result)
+        Path(out).with_suffix(".md").write_text(markdown_table(result) + "\n")
+    return result
+
+
+def summary_line(part: str, r: dict[str, Any]) -> str:
+    """One human line per part."""
+    if "error" in r:
+        return f"not measured: {r['error']}"
+    if part == "recorder":
+        return (
+            f"plain {r['plain_median_step_ms']:.1f} ms/step, recorder {r['recorder_median_step_ms']:.1f} ms/step, "
+            f"overhead {r['overhead']:+.1%} (goal ≤ {r['goal_overhead']:.0%})"
+        )
+    if part == "featurize":
+        return (
+            f"featurizer = {r['featurizer_vs_train_step']:.2f}× a training step, "
+            f"{r['featurizer_vs_reference']:.1f}× the batch-size-1 reference"
+        )
+    if part == "spectra":
+        return (
+            f"factored vs full SVD: kernel {r['kernel_speedup_float32']:.1f}× (fp32), "
+            f"end to end {r['end_to_end_speedup']:.1f}×"
+        )
+    if part in ("s2l_kmeans", "less_scoring"):
+        return f"{r['rows']:,} rows: {r['total_s']:.1f} s, peak RSS {r['peak_rss_mib']:.0f} MiB"
+    if part == "g2is":
+        walk = r.get("walk_lazy_s")
+        return f"{r.get('rows', 0):,} rows: walk {walk} s, peak RSS {r['peak_rss_mib']:.0f} MiB (this process)"
+    return json.dumps(r)[:200]
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The README table: one line per part."""
+    lines = ["| part | what is compared | result | peak RSS |", "|---|---|---|---|"]
+    what = {
+        "recorder": "training step with vs without LossRecorderCallback (demo proxy, batch 8)",
+        "featurize": "per-sample gradient features vs training step vs batch-size-1 reference",
+        "spectra": "factored singular values vs forming G + full SVD",
+        "s2l_kmeans": "S2L k-means + balanced sampling (memory-mapped trajectories)",
+        "less_scoring": "LESS scores + top-k (memory-mapped fp16 features)",
+        "g2is": "G2IS PCA + lazy-kNN gradient walk (memory-mapped fp16 features)",
+    }
+    for part, r in result["parts"].items():
+        peak = "–" if "error" in r else f"{r.get('peak_rss_mib', float('nan')):.0f} MiB"
+        lines.append(f"| {part} | {what.get(part, part)} | {summary_line(part, r)} | {peak} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--child":
+        _child(*argv[1:4])
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--out", default="docs/bench/perf.json")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    result = run_perf(PerfConfig(parts=tuple(args.parts), rows=args.rows), out=args.out)
+    print(markdown_table(result))
+
+
+if __name__ == "__main__":
+    main()
