@@ -1,6 +1,6 @@
 """Two processes (torchrun, gloo, CPU) record the same store as one process with the same global batch.
 
-The warmup recipe runs twice on a 90-row pool: once as 1 process × 8 rows, once as 2 processes ×
+The warmup recipe runs twice on a 42-row pool: once as 1 process × 8 rows, once as 2 processes ×
 4 rows. Accelerate pads the 2-process epoch's last batch with 6 rows from its start; the record
 must not contain them. Up to the padded step the two runs train on the same rows with the same
 weights, so losses, sweeps and snapshots agree to float tolerance.
@@ -25,12 +25,12 @@ pytestmark = pytest.mark.multiprocess
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 COMMON = [
     "--tiny",
-    "--pool_size", "90",
-    "--max_steps", "13",  # one epoch of 12 steps (the last one padded under 2 processes), one step into the next
+    "--pool_size", "42",
+    "--max_steps", "7",  # one epoch of 6 steps (the last one padded under 2 processes), one step into the next
     "--save_strategy", "steps",
-    "--save_steps", "6",
-    "--sweep_steps", "6",
-    "--snapshot_steps", "6",
+    "--save_steps", "3",
+    "--sweep_steps", "3",
+    "--snapshot_steps", "3",
 ]  # fmt: skip
 
 
@@ -67,11 +67,11 @@ def test_every_row_recorded_once_per_epoch(stores):
     keys_b = list(zip(b["row_id"].tolist(), b["step"].tolist(), b["epoch"].tolist()))
     assert keys_a == keys_b, "same rows at the same steps, in the same (step, row) order, padding dropped"
     first_epoch = a["epoch"] == 0
-    assert sorted(a["row_id"][first_epoch].tolist()) == list(range(90)), "epoch 0: every row exactly once"
-    assert (a["step"][~first_epoch] == 12).all() and (~first_epoch).sum() == 8
-    # before the padded step 11 was applied, both runs had the same weights
-    np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-4, atol=1e-5)
-    assert two.manifest["recorded"]["loss_records"] == one.manifest["recorded"]["loss_records"] == 98
+    assert sorted(a["row_id"][first_epoch].tolist()) == list(range(42)), "epoch 0: every row exactly once"
+    assert (a["step"][~first_epoch] == 6).all() and (~first_epoch).sum() == 8
+    # up to the padded step 5 both runs had the same weights (after it, 6 duplicates moved the 2-process weights)
+    np.testing.assert_allclose(b["loss"][first_epoch], a["loss"][first_epoch], rtol=1e-4, atol=1e-5)
+    assert two.manifest["recorded"]["loss_records"] == one.manifest["recorded"]["loss_records"] == 50
 
 
 def test_rows_sweep_and_snapshots_match(stores):
@@ -79,13 +79,17 @@ def test_rows_sweep_and_snapshots_match(stores):
     for key in ("row_id", "row_hash"):
         assert np.array_equal(one.load_arrays("rows")[key], two.load_arrays("rows")[key])
     sa, sb = one.load_arrays("sweep"), two.load_arrays("sweep")
-    assert sa["steps"].tolist() == sb["steps"].tolist() == [6]
-    assert sa["row_id"].tolist() == sb["row_id"].tolist() == list(range(90))
+    assert sa["steps"].tolist() == sb["steps"].tolist() == [3]
+    assert sa["row_id"].tolist() == sb["row_id"].tolist() == list(range(42))
     np.testing.assert_allclose(sb["loss"], sa["loss"], rtol=1e-4, atol=1e-5)
-    snap_a, snap_b = one.load_arrays("snapshots/step-000006"), two.load_arrays("snapshots/step-000006")
+    snap_a, snap_b = one.load_arrays("snapshots/step-000003"), two.load_arrays("snapshots/step-000003")
     assert sorted(snap_a) == sorted(snap_b) and any(k.startswith("exp_avg_sq::") for k in snap_a)
     for key in snap_a:
-        np.testing.assert_allclose(snap_b[key], snap_a[key], rtol=1e-4, atol=1e-6, err_msg=key)
+        scale = float(np.abs(snap_a[key]).max())
+        # moments: float noise of the gradients; weights: Adam's m/sqrt(v) turns rounding in a ~0 gradient into up
+        # to a whole step (lr = 1e-3), so they agree to 5 % of one step
+        atol = 5e-5 if key.startswith("param::") else 1e-3 * scale + 1e-12
+        np.testing.assert_allclose(snap_b[key], snap_a[key], rtol=1e-4, atol=atol, err_msg=key)
     leftovers = [p.name for p in two.path.rglob("*.tmp")]
     assert not leftovers, f"unfinished writes: {leftovers}"
 
@@ -98,7 +102,7 @@ def test_sharded_featurization_matches_one_process(stores, tmp_path):
         shutil.copytree(one.path, tmp_path / name / "datasel")
         runs[name] = RunStore.for_output_dir(tmp_path / name)
     script = str(RECIPES / "featurize_sharded.py")
-    args = ["--tiny", "--pool_size", "90", "--preconditioner", "adam", "--k", "48", "--batch_size", "20"]
+    args = ["--tiny", "--pool_size", "42", "--preconditioner", "adam", "--k", "48", "--batch_size", "9"]
     single = [sys.executable, script, *args, "--run_dir", str(tmp_path / "single")]
     sharded = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -119,4 +123,4 @@ def test_sharded_featurization_matches_one_process(stores, tmp_path):
     assert json.loads((b / "meta.json").read_text())["plan"]["num_shards"] == 2
     np.testing.assert_array_equal(np.load(b / "norms.npy"), np.load(a / "norms.npy"))
     np.testing.assert_array_equal(np.load(b / "unit.npy"), np.load(a / "unit.npy"))
-    assert np.load(a / "unit.npy").shape == (90, 48) and np.isfinite(np.load(a / "norms.npy")).all()
+    assert np.load(a / "unit.npy").shape == (42, 48) and np.isfinite(np.load(a / "norms.npy")).all()
