@@ -119,11 +119,15 @@ def run(
         entry={},
     )  # fmt: skip
 
+    # each method keeps its own copy of the model in its own mode (train step: train mode; the others: eval),
+    # so no method pays for switching modes; all copies hold the same weights
+    _, eval_model = build(model_name, rank, dev)
     featurizers = {}
     for kind in ("sparse", "rademacher"):
-        f = Featurizer(model, ProjectorSpec.create(shapes, k=k, seed=0, kind=kind), dev)
+        f = Featurizer(eval_model, ProjectorSpec.create(shapes, k=k, seed=0, kind=kind), dev)
         f.set_snapshot(snapshot, "adam")
         featurizers[kind] = f
+    eval_params = dict(eval_model.named_parameters())
 
     def featurize(kind: str) -> Callable[[dict], None]:
         def go(b):
@@ -131,12 +135,12 @@ def run(
 
         return go
 
+    model.train()
+
     def train_step(b):
-        model.train()
         model(**b).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        model.eval()
 
     gen = torch.Generator().manual_seed(0)
     dense = (torch.randint(0, 2, (num_params, k), generator=gen).float().mul_(2).sub_(1) / math.sqrt(k)).to(dev)
@@ -148,12 +152,12 @@ def run(
             one = {k_: t[i : i + 1] for k_, t in b.items()}
             width = int(one["attention_mask"].sum())
             one = {k_: t[:, :width] for k_, t in one.items()}  # batch of one: no padding
-            model.zero_grad(set_to_none=True)
-            model(**one).loss.backward()
-            g = torch.cat([params[n].grad.reshape(1, -1) for n in names], dim=1)
+            eval_model.zero_grad(set_to_none=True)
+            eval_model(**one).loss.backward()
+            g = torch.cat([eval_params[n].grad.reshape(1, -1) for n in names], dim=1)
             update = adam_precondition(g, m, v, 3, (0.9, 0.999), 1e-8, form="adam_reference")
             _ = update @ dense
-        model.zero_grad(set_to_none=True)
+        eval_model.zero_grad(set_to_none=True)
 
     methods = {
         "featurizer (sparse projector, Adam)": featurize("sparse"),
@@ -162,7 +166,6 @@ def run(
         "reference (bs=1, full grad, dense proj.)": reference,
     }
     times = {name: [] for name in methods}
-    model.eval()
     for fn in methods.values():  # warm up (allocator, caches, projector chunks)
         for b in data:
             fn(b)

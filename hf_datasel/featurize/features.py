@@ -116,7 +116,7 @@ class Featurizer:
             raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, not {preconditioner!r}")
         if snapshot is not None:
             assign_snapshot(self.model, snapshot)
-        self._moments = {}
+        self._moments, self._flat_moments = {}, None
         if preconditioner != "none":
             if snapshot is None or snapshot.exp_avg is None:
                 raise StoreError(
@@ -127,9 +127,6 @@ class Featurizer:
                 n: (snapshot.exp_avg[n].to(self.device), snapshot.exp_avg_sq[n].to(self.device))
                 for n in self.spec.param_names
             }
-            self._flat_moments = tuple(
-                torch.cat([self._moments[n][i].reshape(-1) for n in self.spec.param_names]) for i in (0, 1)
-            )
         self.preconditioner = preconditioner
         self._snapshot = snapshot
 
@@ -149,6 +146,11 @@ class Featurizer:
 
             _, loss, valid = self.engine(batch["input_ids"], batch["attention_mask"], batch["labels"], consume=gather)
             if self.preconditioner != "none":
+                if self._flat_moments is None:  # built on first use: only the fused path needs them
+                    names = self.spec.param_names
+                    self._flat_moments = tuple(
+                        torch.cat([self._moments[n][i].reshape(-1) for n in names]) for i in (0, 1)
+                    )
                 m, v = self._flat_moments
                 buffer = adam_precondition(buffer, m, v, step, snap.betas, snap.eps, self.preconditioner)
             return self.projector.project_flat(buffer), loss, valid

@@ -117,7 +117,7 @@ class PerSampleGradients:
         hooks = [o.module.register_forward_hook(capture(o), with_kwargs=True) for o in self.owners]
         try:
             with self._only_these_trainable(), torch.enable_grad():
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+                position_ids = _positions(attention_mask)
                 out = self.model(
                     input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
                 )
@@ -152,6 +152,14 @@ class PerSampleGradients:
                 if remaining[name] == 0:
                     emit(name, acc.pop(name))
         return result, loss.detach(), valid
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """Position ids counted over real tokens; None (the model's own 0..T-1) when every row is right-padded."""
+    mask = attention_mask.long()
+    if bool(mask[:, 0].all()) and bool((mask[:, 1:] <= mask[:, :-1]).all()):
+        return None
+    return (mask.cumsum(-1) - 1).clamp_min(0)
 
 
 def _per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
