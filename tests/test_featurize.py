@@ -313,3 +313,35 @@ def test_fused_and_blockwise_paths_agree(tokenizer, rows, kind):
         f.set_snapshot(snapshot, "adam")
         out.append(f.batch_features(batch)[0])
     torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-6)
+
+
+_SHARD_SCRIPT = """
+import sys
+from hf_datasel.featurize import gradient_features
+from hf_datasel.store import RunStore
+from hf_datasel.synthetic import make_pool
+index = int(sys.argv[2])
+gradient_features(RunStore(sys.argv[1]), make_pool(20, seed=8), k=32, batch_size=4, shard=(index, 2), progress=False)
+"""
+
+
+def test_two_processes_featurize_shards_concurrently(tmp_path, tokenizer):
+    import os
+    import subprocess
+    import sys
+
+    from hf_datasel.store import RunStore
+
+    pool = make_pool(20, seed=8)
+    store, _ = make_snapshot_store(tmp_path, tokenizer, pool, steps=(2,))
+    single_store = tmp_path / "single"
+    shutil.copytree(store.path, single_store)
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _SHARD_SCRIPT, str(store.path), str(i)], env=env) for i in range(2)
+    ]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    (merged,) = gradient_features(store, pool, k=32, batch_size=4, progress=False)  # complete: read from cache
+    (single,) = gradient_features(RunStore(single_store), pool, k=32, batch_size=4, progress=False)
+    np.testing.assert_array_equal(np.asarray(merged.unit), np.asarray(single.unit))
+    np.testing.assert_array_equal(merged.norms, single.norms)
