@@ -205,7 +205,7 @@ def select(
     run_dir: str = typer.Argument(..., help="The recorded run's output_dir (holds datasel/)."),
     dataset: str = typer.Argument(..., help="The raw dataset the run trained on: folder or json/jsonl/parquet/csv."),
     method: str = typer.Option(..., "--method", "-m", help="s2l, loss, random, less, g2is, spectral, ..."),
-    budget: float = typer.Option(..., "--budget", "-b", help="A fraction in (0, 1] or a row count (>= 1)."),
+    budget: float = typer.Option(..., "--budget", "-b", help="A fraction in (0, 1), or a whole number of rows."),
     out: str = typer.Option(..., "--out", "-o", help="New folder for the subset (data/train-*.parquet + README)."),
     seed: int = typer.Option(0),
     param: Annotated[
@@ -406,6 +406,16 @@ def demo(
         run_demo(
             DemoConfig(output_dir=output_dir, pool_size=pool_size, budget=budget, large_steps=large_steps, seed=seed)
         )
+
+
+# -- bench (owned by hf_datasel/bench) -----------------------------------------------------------------
+def _mount_bench() -> None:
+    from .bench.app import bench_app
+
+    app.add_typer(bench_app, name="bench")
+
+
+_mount_bench()
 
 
 def main() -> None:

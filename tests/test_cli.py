@@ -18,7 +18,7 @@ from hf_datasel.synthetic import make_pool
 from tests.test_hub import TOKEN, FakeHub, write_fake_store
 
 runner = CliRunner()
-COMMANDS = ("record", "featurize", "select", "swift", "spectral", "report", "push", "demo")
+COMMANDS = ("record", "featurize", "select", "swift", "spectral", "report", "push", "demo", "bench")
 
 
 def invoke(*args, env=None):
