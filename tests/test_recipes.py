@@ -87,3 +87,21 @@ def test_cli_selects_less_from_the_recipe_run(outputs, tmp_path):
     recipe = load_dataset(str(outputs / "less" / "subset"), split="train")
     assert chosen.remove_columns("datasel_score").to_list() == recipe.to_list()
     assert len(chosen) == 12 and all(s == s for s in chosen["datasel_score"])
+
+
+def test_cli_selects_g2is_from_the_recipe_run(outputs, tmp_path):
+    from typer.testing import CliRunner
+
+    from hf_datasel.cli import app
+
+    pool = make_pool(48, noise=0.2, seed=0)
+    targets = make_pool(16, tasks=("add",), noise=0.0, seed=1)
+    pool.to_json(tmp_path / "pool.jsonl")
+    targets.to_json(tmp_path / "targets.jsonl")
+    args = ["select", outputs / "less", tmp_path / "pool.jsonl", "-m", "g2is", "-b", "10", "-o", tmp_path / "sel"]
+    args += ["--targets", tmp_path / "targets.jsonl", "-p", "k=32", "-p", "max_length=32", "-p", "num_neighbors=8"]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    selector = DataSelector.from_run(outputs / "less", pool)
+    expected = selector.select("g2is", budget=10, targets=targets, k=32, max_length=32, num_neighbors=8)
+    assert load_dataset(str(tmp_path / "sel"), split="train").to_list() == expected.to_list()
