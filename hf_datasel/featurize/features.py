@@ -6,7 +6,8 @@ Storage (one folder per dataset × snapshot × preconditioner × projector spec,
         meta.json      projector spec, step, learning rates, preconditioner, row count, complete flag
         unit.npy       (rows, k) float16 (spec.dtype) memory-mapped: each row's feature divided by its norm
         norms.npy      (rows,) float32: each row's feature norm
-        shard-*-of-*/  work folders of unfinished or sharded runs (unit/norms/rows.npy + progress.json)
+        shard-*-of-*/  work folders of unfinished or sharded runs: unit/norms/rows.npy, progress.json (the
+                       batch plan) and done.log (finished batch numbers, appended after the arrays are flushed)
 
 Row i of the arrays is row i of the dataset. Storing unit vectors and norms apart keeps fp16 away
 from the under/overflow that raw gradient values would hit; `raw = unit * norm`. A row whose
@@ -45,6 +46,7 @@ from .snapshots import Snapshot, assign_snapshot, load_model, load_snapshot, loa
 Preconditioner = Literal["none", "adam", "adam_reference"]
 PRECONDITIONERS = ("none", "adam", "adam_reference")
 FEATURES_DIR = "features"
+DONE_LOG = "done.log"
 
 
 # -- Adam preconditioning -------------------------------------------------------------
@@ -65,14 +67,17 @@ def adam_precondition(
     """
     beta1, beta2 = betas
     g = grad.float()
-    m = torch.add(exp_avg * beta1, g, alpha=1 - beta1)  # (B, *shape)
-    v = torch.addcmul(exp_avg_sq * beta2, g, g, value=1 - beta2)
     if form == "adam_reference":
+        m = torch.add(exp_avg * beta1, g, alpha=1 - beta1)  # (B, *shape)
+        v = torch.addcmul(exp_avg_sq * beta2, g, g, value=1 - beta2)
         return m.div_(v.add_(1e-8).sqrt_())
     if form != "adam":
         raise ValueError(f"Adam form must be 'adam' or 'adam_reference', not {form!r}")
     t = int(step) + 1
-    return m.div_(1 - beta1**t).div_(v.div_(1 - beta2**t).sqrt_().add_(eps))
+    c1, c2 = 1 - beta1**t, 1 - beta2**t  # bias corrections folded into the constants: fewer passes over (B, P)
+    m_hat = torch.add(exp_avg * (beta1 / c1), g, alpha=(1 - beta1) / c1)
+    v_hat = torch.addcmul(exp_avg_sq * (beta2 / c2), g, g, value=(1 - beta2) / c2)
+    return m_hat.div_(v_hat.sqrt_().add_(eps))
 
 
 # -- the batch featurizer ---------------------------------------------------------------
@@ -256,7 +261,7 @@ def _open_shard(folder: Path, rows: np.ndarray, spec: ProjectorSpec, plan_info: 
         if progress.get("plan") == plan_info:
             unit = np.lib.format.open_memmap(folder / "unit.npy", mode="r+")
             norms = np.lib.format.open_memmap(folder / "norms.npy", mode="r+")
-            return unit, norms, set(progress["done"])
+            return unit, norms, _done_batches(folder)
         shutil.rmtree(folder)  # a different batch plan: its batches are not ours to reuse
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / "rows.npy", rows)
@@ -267,8 +272,24 @@ def _open_shard(folder: Path, rows: np.ndarray, spec: ProjectorSpec, plan_info: 
     norms[:] = np.nan
     unit.flush()
     norms.flush()
-    write_json(progress_path, {"plan": plan_info, "done": []})
+    (folder / DONE_LOG).write_text("")
+    write_json(progress_path, {"plan": plan_info})
     return unit, norms, set()
+
+
+def _done_batches(folder: Path) -> set[int]:
+    """Batch numbers recorded as finished in a shard's append-only log (a torn last line is ignored)."""
+    path = folder / DONE_LOG
+    if not path.exists():
+        return set()
+    text = path.read_text()
+    lines = text.split("\n")[:-1]  # only lines that were terminated
+    return {int(line) for line in lines if line.strip()}
+
+
+def _mark_done(folder: Path, batch: int) -> None:
+    with open(folder / DONE_LOG, "a") as f:  # O(1) per batch, unlike rewriting a list
+        f.write(f"{batch}\n")  # the arrays were flushed first: a lost line only means recomputing a batch
 
 
 def _write_batch(unit, norms, local: np.ndarray, feats: torch.Tensor, valid: torch.Tensor) -> None:
@@ -298,10 +319,10 @@ def featurize_rows(
 ) -> dict[str, int]:
     """Featurize tokenized `rows` into `folder` (shard `shard` of the batch plan); resumable.
 
-    Finished batches are recorded in the shard's `progress.json` (written atomically after the
-    arrays are flushed), so a rerun after an interruption computes only the missing batches.
-    When every shard is done, the shards are merged into `unit.npy`/`norms.npy` and `meta.json`
-    is marked complete. Returns counts: `batches_computed`, `batches_skipped`, `merged` (0/1).
+    Finished batches are appended to the shard's `done.log` after the arrays are flushed, so a
+    rerun after an interruption computes only the missing batches. When every shard is done,
+    the shards are merged into `unit.npy`/`norms.npy` and `meta.json` is marked complete.
+    Returns counts: `batches_computed`, `batches_skipped`, `merged` (0/1).
     """
     folder = Path(folder)
     index, num_shards = shard
@@ -327,7 +348,7 @@ def featurize_rows(
         unit.flush()
         norms.flush()
         done.add(b)
-        write_json(work / "progress.json", {"plan": plan_info, "done": sorted(done)})
+        _mark_done(work, b)
         stats["batches_computed"] += 1
     del unit, norms
     if merge_shards(folder, raise_if_incomplete=False):
@@ -347,9 +368,9 @@ def merge_shards(folder: str | os.PathLike, raise_if_incomplete: bool = True) ->
     missing = []
     for i, w in enumerate(works):
         p = w / "progress.json"
-        done = json.loads(p.read_text()) if p.exists() else None
-        expected = len(shard_batches(plan["num_batches"], i, num_shards))
-        if done is None or done["plan"] != plan or len(done["done"]) != expected:
+        progress = json.loads(p.read_text()) if p.exists() else None
+        expected = set(shard_batches(plan["num_batches"], i, num_shards))
+        if progress is None or progress["plan"] != plan or not expected <= _done_batches(w):
             missing.append(i)
     if missing:
         if raise_if_incomplete:
