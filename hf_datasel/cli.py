@@ -84,6 +84,15 @@ def _steps(text: str | None) -> list[int] | None:
         raise ValueError(f"--steps expects comma-separated integers, got {text!r}") from None
 
 
+def _shard(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    index, sep, count = text.partition("/")
+    if not (sep and index.strip().isdigit() and count.strip().isdigit()) or not 0 <= int(index) < int(count):
+        raise ValueError(f"--shard expects i/n with 0 <= i < n, got {text!r}")
+    return int(index), int(count)
+
+
 @app.callback()
 def _root() -> None:
     """Instruction-tuning data selection for Hugging Face training runs: record → select → train.
@@ -164,6 +173,7 @@ def featurize(
     batch_size: int = typer.Option(16, min=1),
     max_length: int = typer.Option(1024, min=1),
     split: str = typer.Option("train", help="Split, when the dataset has several."),
+    shard: str = typer.Option(None, help="i/n: compute shard i of n (e.g. one per machine); the last one merges."),
 ) -> None:
     """Per-sample gradient features of a dataset at every snapshot, cached in the run store."""
     with user_errors():
@@ -183,19 +193,23 @@ def featurize(
             steps=_steps(steps),
             batch_size=batch_size,
             max_length=max_length,
+            shard=_shard(shard),
             progress=True,
         )
+    if sets is None:
+        typer.echo(f"shard {shard} done; the features are merged when the last shard finishes")
+        return
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"features of {len(rows)} rows ({preconditioner})")
     for column in ("snapshot", "weight", "dim", "undefined rows"):
         table.add_column(column)
-    for fs in sets or []:
+    for fs in sets:
         undefined = int(len(rows) - len(fs.valid_rows()))
         table.add_row(str(fs.step), f"{fs.weight:.3f}", str(fs.spec.k), str(undefined))
     Console().print(table)
-    for fs in sets or []:
+    for fs in sets:
         typer.echo(f"step {fs.step}: {fs.path}")
 
 

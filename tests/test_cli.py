@@ -234,3 +234,24 @@ def test_record_through_the_recipe_then_report(tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads(invoke("report", out, "--json").stdout)
     assert summary["loss_records"] == 16 and summary["world_size"] == 1 and summary["last_step"] == 2
+
+
+def test_featurize_in_shards_equals_one_pass(tmp_path, tokenizer, pool):
+    import shutil
+
+    from tests.gradient_store import make_snapshot_store
+
+    rows = pool.select(range(12))
+    make_snapshot_store(tmp_path / "a", tokenizer, rows, steps=(2,))
+    shutil.copytree(tmp_path / "a" / "run", tmp_path / "b" / "run")
+    rows.to_json(tmp_path / "rows.jsonl")
+    common = [tmp_path / "rows.jsonl", "--k", "16", "--batch-size", "4"]
+    assert invoke("featurize", tmp_path / "a" / "run", *common).exit_code == 0
+    first = invoke("featurize", tmp_path / "b" / "run", *common, "--shard", "1/2")
+    assert first.exit_code == 0 and "shard 1/2 done" in first.stdout
+    second = invoke("featurize", tmp_path / "b" / "run", *common, "--shard", "0/2")
+    assert second.exit_code == 0 and "step 2:" in second.stdout
+    (a,) = (tmp_path / "a" / "run").rglob("unit.npy")
+    (b,) = (tmp_path / "b" / "run").rglob("unit.npy")
+    np.testing.assert_array_equal(np.load(a), np.load(b))
+    assert_user_error(invoke("featurize", tmp_path / "b" / "run", *common, "--shard", "2/2"), "--shard expects i/n")
