@@ -55,6 +55,7 @@ class PerfConfig:
     featurize_batches: int = 8
     featurize_rounds: int = 5
     featurize_k: int = 8192
+    featurize_threads: int | None = 1
     # spectra
     spectra_d: int = 512
     spectra_tokens: int = 128
@@ -70,7 +71,7 @@ class PerfConfig:
     budget_share: float = 0.01
     g2is_budget_share: float = 0.001
     g2is_dims: int = 256
-    timeout_s: int = 3600
+    timeout_s: int = 1800  # per part
     workdir: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -25,8 +25,11 @@ the plot to `docs/bench/quality.png`, a markdown table to `docs/bench/quality.md
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import functools
 import json
 import math
+import multiprocessing
 import os
 import random
 import time
@@ -89,6 +92,8 @@ class QualityConfig:
     target_examples: int = 32
     eval_rows: int = 200
     large_vocab_size: int = 64
+    workers: int = 2  # large-model trainings run in this many single-thread processes
+    snapshots_per_epoch: int = 1
     output_dir: str = "runs/bench/quality"
     results_dir: str = "docs/bench"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -181,8 +186,10 @@ def _record_proxy(config: QualityConfig, pool: Dataset, seed: int, out: Path):
     try:
         from ..record.snapshot import SnapshotCallback
 
-        callbacks.append(SnapshotCallback())
-        used.append("SnapshotCallback()")
+        every = max(1, steps_per_epoch // config.snapshots_per_epoch)
+        steps = list(range(every, steps_per_epoch * config.proxy_epochs + 1, every))
+        callbacks.append(SnapshotCallback(steps=steps))
+        used.append(f"SnapshotCallback(steps={steps})")
     except ImportError:  # the gradient engine is optional for the loss-based methods
         pass
     args = SFTConfig(
@@ -243,19 +250,44 @@ def _describe(params: dict[str, Any]) -> dict[str, Any]:
 # -- one seed ---------------------------------------------------------------------
 
 
-def run_seed(
+@functools.lru_cache(maxsize=4)
+def seed_data(
+    pool_size: int,
+    noise: float,
+    seed: int,
+    task_weights: tuple[float, ...] | None,
+    target: str,
+    target_examples: int,
+    eval_rows: int,
+) -> dict[str, Dataset]:
+    """The pool, the target examples and the two evaluation sets of one seed (pure functions of the seed)."""
+    return {
+        "pool": make_pool(pool_size, noise=noise, seed=seed, task_weights=task_weights),
+        "targets": make_pool(target_examples, tasks=(target,), noise=0.0, seed=seed + 1000),
+        "target_eval": make_pool(eval_rows, tasks=(target,), noise=0.0, seed=seed + 2000),
+        "all_eval": make_pool(eval_rows, noise=0.0, seed=seed + 3000),
+    }
+
+
+def _data(config: QualityConfig, seed: int) -> dict[str, Dataset]:
+    return seed_data(
+        config.pool_size,
+        config.noise,
+        seed,
+        config.task_weights(),
+        config.target_task,
+        config.target_examples,
+        config.eval_rows,
+    )
+
+
+def select_seed(
     config: QualityConfig, seed: int, variants: list[str], skipped: dict[str, str], log=print
 ) -> tuple[list[dict], dict]:
-    """Record, select with every variant at every budget, train and evaluate; one dict per training run."""
+    """Record the proxy run and select with every variant at every budget: (training jobs, pool info)."""
     out = Path(config.output_dir) / f"seed-{seed}"
-    target = config.target_task
-    pool = make_pool(config.pool_size, noise=config.noise, seed=seed, task_weights=config.task_weights())
-    targets = make_pool(config.target_examples, tasks=(target,), noise=0.0, seed=seed + 1000)
-    target_eval = make_pool(config.eval_rows, tasks=(target,), noise=0.0, seed=seed + 2000)
-    all_eval = make_pool(config.eval_rows, noise=0.0, seed=seed + 3000)
-    noisy = np.asarray(pool["is_noisy"], bool)
-    is_target = np.asarray(pool["task"]) == target
-
+    data = _data(config, seed)
+    pool = data["pool"]
     started = time.perf_counter()
     proxy, proxy_tok, callbacks = _record_proxy(config, pool, seed, out / "proxy")
     record_seconds = time.perf_counter() - started
@@ -271,68 +303,36 @@ def run_seed(
             spectra_cache["spectra"] = gradient_spectra(proxy, pool, proxy_tok)
         return spectra_cache["spectra"]
 
-    selections: dict[str, dict[float, np.ndarray]] = defaultdict(dict)
-    select_seconds: dict[str, dict[float, float]] = defaultdict(dict)
+    jobs: list[dict] = []
     for name in variants:
         if name in skipped:
             continue
         method, params = VARIANTS[name]
+        done = []
         for budget in config.budgets:
             t0 = time.perf_counter()
             try:
-                selection = selector.run(method, budget, seed=seed, **_fill(params, targets, spectra_fn))
+                selection = selector.run(method, budget, seed=seed, **_fill(params, data["targets"], spectra_fn))
             except Exception as err:  # noqa: BLE001 - a method that cannot run is reported, not fatal
                 skipped[name] = f"{type(err).__name__}: {err}"[:300]
                 log(f"seed {seed}: {name} skipped ({skipped[name]})")
-                selections.pop(name, None)
+                done = []
                 break
-            selections[name][budget] = selection.indices
-            select_seconds[name][budget] = time.perf_counter() - t0
-    write_json(
-        out / "selections.json",
-        {name: {str(b): idx.tolist() for b, idx in by_budget.items()} for name, by_budget in selections.items()},
+            seconds = time.perf_counter() - t0
+            done.append({"seed": seed, "method": name, "budget": budget, "indices": selection.indices.tolist()})
+            done[-1]["select_seconds"] = round(seconds, 3)
+            log(f"seed {seed}: {name} selected {len(selection.indices)} rows at {budget:.0%} in {seconds:.1f} s")
+        jobs += done
+    jobs.append(
+        {"seed": seed, "method": FULL, "budget": 1.0, "indices": list(range(len(pool))), "select_seconds": 0.0}
     )
-
-    large_tok = build_tokenizer(vocab_size=config.large_vocab_size)
-    init_state = {k: v.clone() for k, v in build_model(large_tok, LARGE, seed=seed).state_dict().items()}
-    jobs = [(name, budget, idx) for name, by_budget in selections.items() for budget, idx in by_budget.items()]
-    jobs.append((FULL, 1.0, np.arange(len(pool))))
-    runs = []
-    for name, budget, idx in jobs:
-        model = build_model(large_tok, LARGE, seed=seed)
-        model.load_state_dict(init_state)  # same start for every subset (fresh model, weights copied)
-        subset = pool.select(idx.tolist())
-        seconds = train_causal_lm(
-            model,
-            large_tok,
-            subset,
-            config.large_steps,
-            batch_size=config.batch_size,
-            learning_rate=config.learning_rate,
-            max_length=config.max_length,
-            seed=seed,
-        )
-        evaluation = _evaluate(model, large_tok, target_eval, all_eval, target)
-        run = {
-            "seed": seed,
-            "method": name,
-            "budget": budget,
-            "rows": int(len(idx)),
-            "budget_rows": resolve_budget(budget, len(pool)) if name != FULL else len(pool),
-            "noisy_rows": int(noisy[idx].sum()),
-            "noisy_fraction": float(noisy[idx].mean()),
-            "target_rows": int(is_target[idx].sum()),
-            "target_fraction": float(is_target[idx].mean()),
-            "eval": evaluation,
-            "train_seconds": round(seconds, 2),
-            "select_seconds": round(select_seconds.get(name, {}).get(budget, 0.0), 3),
-        }
-        runs.append(run)
-        log(
-            f"seed {seed} {name:>13} @ {budget:>4.0%}: target EM {evaluation['target']['exact_match']:.2f} "
-            f"loss {evaluation['target']['loss']:.3f} | all loss {evaluation['all']['loss']:.3f} | "
-            f"noisy {run['noisy_fraction']:.0%} target {run['target_fraction']:.0%} ({seconds:.0f} s)"
-        )
+    by_method: dict[str, dict[str, list[int]]] = defaultdict(dict)
+    for job in jobs:
+        if job["method"] != FULL:
+            by_method[job["method"]][str(job["budget"])] = job["indices"]
+    write_json(out / "selections.json", by_method)
+    noisy = np.asarray(pool["is_noisy"], bool)
+    is_target = np.asarray(pool["task"]) == config.target_task
     pool_info = {
         "seed": seed,
         "rows": len(pool),
@@ -342,7 +342,74 @@ def run_seed(
         "target_fraction": float(is_target.mean()),
         "record_seconds": round(record_seconds, 1),
     }
-    return runs, pool_info
+    return jobs, pool_info
+
+
+def train_job(config: QualityConfig, job: dict, threads: int | None = None) -> dict:
+    """Train the large model from its seed's initial weights on one subset and evaluate it: one run's numbers."""
+    if threads:
+        torch.set_num_threads(threads)
+    hf_logging.set_verbosity_error()
+    seed, name, budget = job["seed"], job["method"], job["budget"]
+    data = _data(config, seed)
+    pool = data["pool"]
+    idx = np.asarray(job["indices"], np.int64)
+    large_tok = build_tokenizer(vocab_size=config.large_vocab_size)
+    model = build_model(large_tok, LARGE, seed=seed)  # same initial weights for every subset of a seed
+    seconds = train_causal_lm(
+        model,
+        large_tok,
+        pool.select(idx.tolist()),
+        config.large_steps,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        max_length=config.max_length,
+        seed=seed,
+    )
+    evaluation = _evaluate(model, large_tok, data["target_eval"], data["all_eval"], config.target_task)
+    noisy = np.asarray(pool["is_noisy"], bool)
+    is_target = np.asarray(pool["task"]) == config.target_task
+    return {
+        "seed": seed,
+        "method": name,
+        "budget": budget,
+        "rows": int(len(idx)),
+        "budget_rows": resolve_budget(budget, len(pool)) if name != FULL else len(pool),
+        "noisy_rows": int(noisy[idx].sum()),
+        "noisy_fraction": float(noisy[idx].mean()),
+        "target_rows": int(is_target[idx].sum()),
+        "target_fraction": float(is_target[idx].mean()),
+        "eval": evaluation,
+        "train_seconds": round(seconds, 2),
+        "select_seconds": job["select_seconds"],
+    }
+
+
+def _run_line(run: dict) -> str:
+    ev = run["eval"]
+    return (
+        f"seed {run['seed']} {run['method']:>13} @ {run['budget']:>4.0%}: target EM {ev['target']['exact_match']:.2f} "
+        f"loss {ev['target']['loss']:.3f} | all loss {ev['all']['loss']:.3f} | noisy {run['noisy_fraction']:.0%} "
+        f"target {run['target_fraction']:.0%} ({run['train_seconds']:.0f} s)"
+    )
+
+
+def train_all(config: QualityConfig, jobs: list[dict], log=print) -> list[dict]:
+    """Every training job, in `config.workers` single-thread processes (inline when workers <= 1)."""
+    if config.workers <= 1:
+        runs = []
+        for job in jobs:
+            runs.append(train_job(config, job))
+            log(_run_line(runs[-1]))
+        return runs
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=config.workers, mp_context=ctx) as executor:
+        futures = {executor.submit(train_job, config, job, 1): i for i, job in enumerate(jobs)}
+        runs: list[dict | None] = [None] * len(jobs)
+        for future in concurrent.futures.as_completed(futures):
+            runs[futures[future]] = future.result()
+            log(_run_line(runs[futures[future]]))
+    return runs
 
 
 # -- aggregation, tables, plot ------------------------------------------------------------
@@ -531,11 +598,13 @@ def run_quality(config: QualityConfig | None = None, log=print, write: bool = Tr
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     variants, skipped = available_variants(config)
     started = time.perf_counter()
-    runs, pools = [], []
+    jobs, pools = [], []
     for seed in config.seeds:
-        seed_runs, pool_info = run_seed(config, seed, variants, skipped, log=log)
-        runs += seed_runs
+        seed_jobs, pool_info = select_seed(config, seed, variants, skipped, log=log)
+        jobs += seed_jobs
         pools.append(pool_info)
+    jobs = [j for j in jobs if j["method"] not in skipped]  # a method that failed on a later seed
+    runs = train_all(config, jobs, log=log)
     settings = asdict(config)
     settings["budgets"] = list(config.budgets)
     settings["seeds"] = list(config.seeds)

@@ -1,0 +1,135 @@
+"""The benchmark harnesses at tiny settings: JSON structure, and numbers that come from the runs (no timings)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from hf_datasel.bench.perf import PerfConfig, run_part, run_perf
+from hf_datasel.bench.quality import FULL, QualityConfig, budget_table, markdown_table, run_quality
+from hf_datasel.bench.recorder import run_recorder_bench
+from hf_datasel.selector import resolve_budget
+from hf_datasel.synthetic import make_pool
+
+
+@pytest.fixture(scope="module")
+def quality(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quality")
+    config = QualityConfig(
+        pool_size=48,
+        budgets=(0.25, 0.5),
+        seeds=(0, 1),
+        variants=("random", "loss-lowest", "s2l"),
+        proxy_epochs=1,
+        large_steps=2,
+        eval_rows=6,
+        target_examples=4,
+        workers=1,
+        output_dir=str(root / "runs"),
+        results_dir=str(root / "docs"),
+    )
+    result = run_quality(config, log=lambda *a: None)
+    return config, result, root
+
+
+def test_quality_writes_json_plot_and_table(quality):
+    config, result, root = quality
+    on_disk = json.loads((root / "docs" / "quality.json").read_text())
+    assert on_disk["summary"] == json.loads(json.dumps(result["summary"]))
+    assert (root / "docs" / "quality.png").stat().st_size > 0
+    assert "| s2l |" in (root / "docs" / "quality.md").read_text()
+    assert set(on_disk) >= {"settings", "machine", "pool", "runs", "summary", "skipped", "goals", "seconds"}
+    methods = {r["method"] for r in result["runs"]}
+    assert methods == {"random", "loss-lowest", "s2l", FULL}
+    assert len(result["runs"]) == len(config.seeds) * (3 * len(config.budgets) + 1)
+    for run in result["runs"]:
+        for part in ("target", "all"):
+            assert set(run["eval"][part]) == {"loss", "exact_match"}
+            assert 0.0 <= run["eval"][part]["exact_match"] <= 1.0
+            assert np.isfinite(run["eval"][part]["loss"])
+    assert "| full pool (100 %) |" in markdown_table(result, 0.25)
+    assert "| random |" in budget_table(result)
+
+
+def test_quality_counts_come_from_the_selections(quality):
+    config, result, root = quality
+    for seed in config.seeds:
+        pool = make_pool(config.pool_size, noise=config.noise, seed=seed)
+        noisy = np.asarray(pool["is_noisy"])
+        is_target = np.asarray(pool["task"]) == config.target_task
+        selections = json.loads((root / "runs" / f"seed-{seed}" / "selections.json").read_text())
+        runs = [r for r in result["runs"] if r["seed"] == seed]
+        full = [r for r in runs if r["method"] == FULL]
+        assert len(full) == 1 and full[0]["rows"] == config.pool_size
+        assert full[0]["noisy_rows"] == int(noisy.sum())
+        for run in runs:
+            if run["method"] == FULL:
+                continue
+            idx = np.asarray(selections[run["method"]][str(run["budget"])])
+            assert run["rows"] == len(idx) == resolve_budget(run["budget"], config.pool_size)
+            assert run["noisy_rows"] == int(noisy[idx].sum())
+            assert run["noisy_fraction"] == pytest.approx(noisy[idx].mean())
+            assert run["target_rows"] == int(is_target[idx].sum())
+        pool_info = next(p for p in result["pool"] if p["seed"] == seed)
+        assert pool_info["noisy_fraction"] == pytest.approx(noisy.mean())
+
+
+def test_quality_summary_is_mean_and_spread_over_seeds(quality):
+    config, result, _ = quality
+    runs = [r for r in result["runs"] if r["method"] == "s2l" and r["budget"] == 0.25]
+    values = [r["eval"]["target"]["exact_match"] for r in runs]
+    stats = result["summary"]["s2l"]["0.25"]["target_exact_match"]
+    assert stats["n"] == len(config.seeds)
+    assert stats["mean"] == pytest.approx(np.mean(values))
+    assert stats["std"] == pytest.approx(np.std(values, ddof=1))
+    losses = [r["eval"]["all"]["loss"] for r in runs]
+    assert result["summary"]["s2l"]["0.25"]["all_loss"]["min"] == pytest.approx(min(losses))
+
+
+def test_quality_unknown_variant_is_refused():
+    with pytest.raises(ValueError, match="unknown variant"):
+        run_quality(QualityConfig(variants=("nope",)), write=False)
+
+
+def test_recorder_bench_times_every_step_after_warmup(tmp_path):
+    result = run_recorder_bench(steps=4, repeats=2, warmup=1, pool_size=48, workdir=tmp_path)
+    for variant in ("plain", "recorder"):
+        assert result[variant]["steps_timed"] == 2 * (4 - 1)
+        assert len(result[variant]["run_median_step_ms"]) == 2
+    ratio = result["recorder"]["median_step_ms"] / result["plain"]["median_step_ms"] - 1
+    assert result["overhead"] == pytest.approx(ratio)
+    assert result["meets_goal"] == (result["overhead"] <= result["goal_overhead"])
+    assert result["sweep_seconds_per_pool"] is not None
+
+
+def test_perf_scoring_parts_on_small_inputs(tmp_path):
+    config = PerfConfig(
+        parts=("s2l_kmeans", "less_scoring"),
+        rows=2000,
+        trajectory_length=4,
+        num_clusters=8,
+        dims=16,
+        snapshots=2,
+        target_rows=4,
+        workdir=str(tmp_path),
+    )
+    out = tmp_path / "perf.json"
+    result = run_perf(config, out=out, log=lambda *a: None)
+    on_disk = json.loads(out.read_text())
+    assert set(on_disk["parts"]) == {"s2l_kmeans", "less_scoring"}
+    assert (tmp_path / "perf.md").read_text().count("\n") == 4
+    for part in ("s2l_kmeans", "less_scoring"):
+        r = result["parts"][part]
+        assert "error" not in r, r
+        assert r["rows"] == 2000 and r["chosen"] == r["budget"] == 20
+        assert r["peak_rss_mib"] > 0
+    assert result["parts"]["less_scoring"]["feature_files_mib"] == pytest.approx(2 * 2000 * 16 * 2 / 2**20)
+
+
+def test_perf_failed_part_is_reported_not_raised(tmp_path):
+    bad = run_part("less_scoring", PerfConfig(rows=10, budget_share=5.0, dims=8, snapshots=1, workdir=str(tmp_path)))
+    assert set(bad) == {"error"}
+    with pytest.raises(ValueError, match="unknown part"):
+        run_part("nope", PerfConfig())
