@@ -297,3 +297,25 @@ def test_end_to_end_through_selector(tmp_path, tokenizer):
         [fs.unit for fs in train], [combined[task == "add"], combined[task == "reverse"]], 8, snapshot_weights=weights
     )
     np.testing.assert_array_equal(sel.indices, np.sort(by_hand.walk.indices))
+
+
+def test_method_warns_and_reports_a_shortfall(monkeypatch):
+    from datasets import Dataset
+
+    from hf_datasel.methods import g2is as g2is_module
+    from hf_datasel.methods.base import SelectionContext
+
+    # the hand-worked rows again (3 of 4 fit), served in place of the featurizer's cached features
+    def fake_features(ctx, targets, task_column, **feature_args):
+        return [unit(0, 55, -70, 85, -30)], [1.0], [unit(0, 0)], ["t"], {"snapshots": []}
+
+    monkeypatch.setattr(g2is_module, "_load_features", fake_features)
+    ctx = SelectionContext(store=None, dataset=Dataset.from_dict({"text": list("abcde")}), budget=4)
+    with pytest.warns(UserWarning, match="chose 3 of 4 rows"):
+        sel = g2is_module.select_g2is(ctx, targets=None, num_neighbors=4, delta=0.1)
+    assert sel.indices.tolist() == [0, 2, 4] and sel.info["shortfall"] == 1
+    assert sel.info["components"][0] | {"explained_variance_ratio": None, "weight": None} == {
+        "task": "t", "rank": 0, "explained_variance_ratio": None, "weight": None,
+        "budget": 4, "chosen": 3, "reanchors": 0, "shortfall": 1,
+    }  # fmt: skip
+    np.testing.assert_allclose(sel.scores, np.cos(np.deg2rad([0, -70, -30])), atol=1e-6)
