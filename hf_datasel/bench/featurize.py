@@ -13,8 +13,8 @@ On the same batches of a tiny Llama with LoRA (r=8 on q_proj/v_proj), in one pro
 
 Reports rows/s (median over rounds; methods interleaved batch by batch), the ratios to the two goals
 (≥ 0.9× the training step, ≥ 10× the reference) and each method's peak extra memory
-(CUDA: max allocated; CPU: peak RSS of a forked child running the method over the batches, less
-the child's own start-up), plus the state
+(CUDA: max allocated; CPU: peak RSS above the resting level of a forked, warmed-up child running
+the method over the batches), plus the state
 each keeps between batches (projector chunks, the reference's dense matrix).
 """
 
@@ -35,9 +35,18 @@ from ..featurize import Featurizer, ProjectorSpec, Snapshot, adam_precondition
 from ..synthetic import LARGE, PROXY, build_model, build_tokenizer, make_pool
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
 def peak_memory(fn: Callable[[], None], device: torch.device) -> int:
     """Peak extra memory (bytes) of one call of `fn`: CUDA max allocated, or on CPU the peak RSS of a
-    forked child running it (so allocator caches of the other methods do not hide its peak)."""
+    forked child above its resting level (the child runs `fn` once to fault in code and warm up,
+    returns freed heap to the OS, resets the kernel's high-water mark, then runs `fn` again)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -45,19 +54,22 @@ def peak_memory(fn: Callable[[], None], device: torch.device) -> int:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    import resource
-
-    import psutil
+    import ctypes
 
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # child
         try:
             os.close(read)
-            base = psutil.Process().memory_info().rss
             fn()
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            os.write(write, str(max(0, peak - base)).encode())
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current RSS
+            base = _status_kib("VmRSS")
+            fn()
+            os.write(write, str(max(0, _status_kib("VmHWM") - base) * 1024).encode())
+        except Exception:
+            os.write(write, b"-1")
         finally:
             os._exit(0)
     os.close(write)
@@ -169,10 +181,7 @@ def run(
     for fn in methods.values():  # warm up (allocator, caches, projector chunks)
         for b in data:
             fn(b)
-    floor = peak_memory(lambda: None, dev)  # what measuring itself costs (the forked child's own start-up)
-    memory = {
-        name: max(0, peak_memory(lambda fn=fn: [fn(b) for b in data], dev) - floor) for name, fn in methods.items()
-    }
+    memory = {name: peak_memory(lambda fn=fn: [fn(b) for b in data], dev) for name, fn in methods.items()}
     for _ in range(rounds):
         spent = dict.fromkeys(methods, 0.0)
         for b in data:  # methods interleaved batch by batch, so load changes hit them alike
@@ -199,7 +208,6 @@ def run(
         "rounds": rounds,
         "rows_per_s": rate,
         "peak_extra_memory_mib": {name: mem / 2**20 for name, mem in memory.items()},
-        "memory_measurement_floor_mib": floor / 2**20,
         "featurizer_vs_train_step": feat / rate["train step (fwd+bwd+AdamW)"],
         "featurizer_vs_reference": feat / rate["reference (bs=1, full grad, dense proj.)"],
         "dense_projection_matrix_mib": num_params * k * 4 / 2**20,
