@@ -456,12 +456,16 @@ def gradient_features(
         steps: snapshot steps (default: all).
         batch_size, max_length, padding_side: batching and truncation (results do not depend on padding).
         model, tokenizer: overrides; by default both are rebuilt from the store with `from_pretrained`.
+            An override is used in place: it is put in eval mode, loses gradient checkpointing, and
+            takes each snapshot's weights. The cache does not key on it (frozen weights must match the run).
         device: default CUDA when available, else CPU.
         shard: `(index, num_shards)` to compute one shard (for several processes); the call that
             finishes the last shard merges. Returns None while shards are missing.
 
     Returns one `FeatureSet` per snapshot (ascending step), or None for an unfinished sharded run.
     Rows whose gradient is undefined are NaN; the caller decides how to leave them out.
+    Features are identical whatever the sharding; on CPU also bit for bit across runs (on GPU, up
+    to the nondeterminism of the model's own backward kernels).
     """
     if preconditioner not in PRECONDITIONERS:
         raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, not {preconditioner!r}")
