@@ -195,9 +195,11 @@ class LossRecorderCallback(TrainerCallback):
 
     def _flush(self, args, state) -> None:
         gathered = gather_to_main(self._local_records())
+        # what was gathered is kept on the main process: each flush sends only the records since the last one
+        self._rows, self._steps, self._epochs, self._losses = [], [], [], []
         if gathered is None:
             return
-        records = _dedup_records([self._previous, *gathered])
+        records = self._previous = _dedup_records([self._previous, *gathered])
         self.store.save_arrays(RunStore.LOSSES, records)
         if self._sweeps:
             steps = sorted(self._sweeps)
