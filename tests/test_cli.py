@@ -37,10 +37,11 @@ def assert_user_error(result, *fragments):
 
 @pytest.fixture
 def run(tmp_path, pool):
-    """A recorded run (fake store) and the raw pool as jsonl, parquet and a save_to_disk folder."""
+    """A recorded run (fake store) and the raw pool as jsonl, parquet, csv and a save_to_disk folder."""
     write_fake_store(tmp_path / "run", pool)
     pool.to_json(tmp_path / "pool.jsonl")
     pool.to_parquet(tmp_path / "pool.parquet")
+    pool.to_csv(tmp_path / "pool.csv", index=False)
     pool.save_to_disk(tmp_path / "pool_disk")
     return tmp_path
 
@@ -54,7 +55,7 @@ def test_every_subcommand_has_readable_help():
         assert "Usage:" in result.output and len(result.output.splitlines()) > 5
 
 
-@pytest.mark.parametrize("source", ["pool.jsonl", "pool.parquet", "pool_disk"])
+@pytest.mark.parametrize("source", ["pool.jsonl", "pool.parquet", "pool.csv", "pool_disk"])
 def test_select_writes_the_subset_and_card(run, pool, source):
     out = run / f"subset-{source}"
     result = invoke(
