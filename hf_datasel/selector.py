@@ -69,6 +69,8 @@ class DataSelector:
         return selector
 
     def _check_rows_match(self, dataset: Dataset) -> None:
+        if not self.store.has(RunStore.ROWS):
+            return  # snapshots only: nothing per row was recorded, so nothing can be misaligned
         rows = self.store.load_arrays(RunStore.ROWS)
         row_id, recorded_hash = rows["row_id"], rows["row_hash"]
         if ROW_ID in dataset.column_names and not np.array_equal(

@@ -104,3 +104,14 @@ def test_with_row_ids_rejects_empty_and_is_idempotent():
     assert hashes[1] == hashes[2] != hashes[0]  # equal content, equal hash
     with pytest.raises(ValueError, match="empty"):
         with_row_ids(dataset.select([]))
+
+
+def test_snapshot_only_store_opens_and_loss_methods_say_what_is_missing(tmp_path, tokenizer, pool):
+    """A run with SnapshotCallback but no LossRecorderCallback: gradient methods work, loss methods explain."""
+    from tests.gradient_store import make_snapshot_store
+
+    store, _ = make_snapshot_store(tmp_path, tokenizer, pool.select(range(16)), peft=False, steps=(2,))
+    selector = DataSelector.from_run(tmp_path / "run", dataset=pool)  # the run's output_dir
+    assert len(selector.select("random", 4)) == 4
+    with pytest.raises(StoreError, match="no 'losses' record"):
+        selector.select("loss", 4)

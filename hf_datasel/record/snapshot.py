@@ -131,8 +131,7 @@ class SnapshotCallback(TrainerCallback):
         index = [e for e in read_snapshot_index(self.store) if e["step"] != entry["step"]]
         index = sorted([*index, entry], key=lambda e: e["step"])
         write_json(self.store.path / SNAPSHOT_DIR / INDEX_FILE, {"snapshots": index})
-        if self.store.exists():
-            self.store.update_manifest(snapshots=[{"step": e["step"], "lr_mean": e["lr_mean"]} for e in index])
+        self.store.update_manifest(snapshots=[{"step": e["step"], "lr_mean": e["lr_mean"]} for e in index])
 
 
 def take_snapshot(model: torch.nn.Module, optimizer, step: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
