@@ -394,22 +394,58 @@ def _run_line(run: dict) -> str:
     )
 
 
-def train_all(config: QualityConfig, jobs: list[dict], log=print) -> list[dict]:
-    """Every training job, in `config.workers` single-thread processes (inline when workers <= 1)."""
+def _select_in_worker(config: QualityConfig, seed: int, variants: list[str]) -> tuple[list[dict], dict, dict]:
+    torch.set_num_threads(1)
+    hf_logging.set_verbosity_error()
+    skipped: dict[str, str] = {}
+    jobs, pool_info = select_seed(config, seed, variants, skipped, log=lambda m: print(m, flush=True))
+    return jobs, pool_info, skipped
+
+
+def run_all(
+    config: QualityConfig, variants: list[str], skipped: dict[str, str], log=print
+) -> tuple[list[dict], list[dict]]:
+    """Select and train for every seed: (runs, pool infos).
+
+    With `config.workers > 1`, each seed's recording + selection and each training run is a task
+    for a pool of single-thread processes (tiny models use one core far better than two), and a
+    seed's trainings start as soon as its selections are ready.
+    """
+    runs: list[dict] = []
+    pools: list[dict] = []
     if config.workers <= 1:
-        runs = []
+        jobs = []
+        for seed in config.seeds:
+            seed_jobs, pool_info = select_seed(config, seed, variants, skipped, log=log)
+            jobs += seed_jobs
+            pools.append(pool_info)
         for job in jobs:
-            runs.append(train_job(config, job))
-            log(_run_line(runs[-1]))
-        return runs
+            if job["method"] not in skipped:
+                runs.append(train_job(config, job))
+                log(_run_line(runs[-1]))
+        return runs, pools
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=config.workers, mp_context=ctx) as executor:
-        futures = {executor.submit(train_job, config, job, 1): i for i, job in enumerate(jobs)}
-        runs: list[dict | None] = [None] * len(jobs)
-        for future in concurrent.futures.as_completed(futures):
-            runs[futures[future]] = future.result()
-            log(_run_line(runs[futures[future]]))
-    return runs
+        pending = {executor.submit(_select_in_worker, config, seed, variants): None for seed in config.seeds}
+        while pending:
+            done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                job = pending.pop(future)
+                if job is None:
+                    jobs, pool_info, seed_skipped = future.result()
+                    skipped.update(seed_skipped)
+                    pools.append(pool_info)
+                    for job in jobs:
+                        if job["method"] not in skipped:
+                            pending[executor.submit(train_job, config, job, 1)] = job
+                else:
+                    runs.append(future.result())
+                    log(_run_line(runs[-1]))
+    order = {name: i for i, name in enumerate([*variants, FULL])}
+    runs = [r for r in runs if r["method"] not in skipped]  # a method that failed on a later seed
+    runs.sort(key=lambda r: (r["seed"], order[r["method"]], r["budget"]))
+    pools.sort(key=lambda p: p["seed"])
+    return runs, pools
 
 
 # -- aggregation, tables, plot ------------------------------------------------------------
@@ -598,13 +634,7 @@ def run_quality(config: QualityConfig | None = None, log=print, write: bool = Tr
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     variants, skipped = available_variants(config)
     started = time.perf_counter()
-    jobs, pools = [], []
-    for seed in config.seeds:
-        seed_jobs, pool_info = select_seed(config, seed, variants, skipped, log=log)
-        jobs += seed_jobs
-        pools.append(pool_info)
-    jobs = [j for j in jobs if j["method"] not in skipped]  # a method that failed on a later seed
-    runs = train_all(config, jobs, log=log)
+    runs, pools = run_all(config, variants, skipped, log=log)
     settings = asdict(config)
     settings["budgets"] = list(config.budgets)
     settings["seeds"] = list(config.seeds)
