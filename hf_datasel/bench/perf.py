@@ -86,6 +86,52 @@ def current_rss_mib() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+def _status_mib(fields: tuple[str, ...] = ("RssAnon", "VmRSS")) -> dict[str, float]:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in fields:
+                out[key] = int(value.split()[0]) / 1024
+    return out
+
+
+class PeakMemory:
+    """Sample this process's memory every few ms while the block runs.
+
+    `anon_mib`: peak anonymous memory (the heap: arrays, models) above the level at entry;
+    `rss_mib`: peak resident set, which also counts the pages of memory-mapped files read.
+    """
+
+    def __init__(self, interval_s: float = 0.01):
+        self.interval_s = interval_s
+        self.anon_mib = self.rss_mib = 0.0
+
+    def __enter__(self) -> PeakMemory:
+        import threading
+
+        self._start = _status_mib()
+        self._peak = dict(self._start)
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.wait(self.interval_s):
+                for key, value in _status_mib().items():
+                    self._peak[key] = max(self._peak[key], value)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        for key, value in _status_mib().items():
+            self._peak[key] = max(self._peak[key], value)
+        self.anon_mib = self._peak["RssAnon"] - self._start["RssAnon"]
+        self.rss_mib = self._peak["VmRSS"]
+
+
 # -- parts (run inside a child process) ------------------------------------------------------
 
 
@@ -160,12 +206,13 @@ def part_s2l_kmeans(config: PerfConfig, workdir: Path) -> dict[str, Any]:
     generate_s = time.perf_counter() - started
     base_rss = current_rss_mib()
     budget = max(1, int(round(config.budget_share * config.rows)))
-    started = time.perf_counter()
-    labels = cluster_trajectories(traj, config.num_clusters, seed=0)
-    kmeans_s = time.perf_counter() - started
-    started = time.perf_counter()
-    chosen = balanced_sample(labels, budget, np.random.default_rng(0))
-    sample_s = time.perf_counter() - started
+    with PeakMemory() as memory:
+        started = time.perf_counter()
+        labels = cluster_trajectories(traj, config.num_clusters, seed=0)
+        kmeans_s = time.perf_counter() - started
+        started = time.perf_counter()
+        chosen = balanced_sample(labels, budget, np.random.default_rng(0))
+        sample_s = time.perf_counter() - started
     return {
         "rows": config.rows,
         "trajectory_length": config.trajectory_length,
@@ -177,6 +224,8 @@ def part_s2l_kmeans(config: PerfConfig, workdir: Path) -> dict[str, Any]:
         "balanced_sample_s": sample_s,
         "total_s": kmeans_s + sample_s,
         "rss_before_mib": base_rss,
+        "peak_extra_anon_mib": memory.anon_mib,
+        "peak_rss_during_mib": memory.rss_mib,
         "trajectory_file_mib": config.rows * config.trajectory_length * 4 / 2**20,
     }
 
@@ -216,12 +265,13 @@ def part_less_scoring(config: PerfConfig, workdir: Path) -> dict[str, Any]:
     generate_s = time.perf_counter() - started
     base_rss = current_rss_mib()
     budget = max(1, int(round(config.budget_share * config.rows)))
-    started = time.perf_counter()
-    score, _, _, _ = less_scores(train, targets, np.zeros(config.target_rows, np.int64))
-    score_s = time.perf_counter() - started
-    started = time.perf_counter()
-    top = np.argpartition(-score, budget - 1)[:budget]
-    topk_s = time.perf_counter() - started
+    with PeakMemory() as memory:
+        started = time.perf_counter()
+        score, _, _, _ = less_scores(train, targets, np.zeros(config.target_rows, np.int64))
+        score_s = time.perf_counter() - started
+        started = time.perf_counter()
+        top = np.argpartition(-score, budget - 1)[:budget]
+        topk_s = time.perf_counter() - started
     return {
         "rows": config.rows,
         "dims": config.dims,
@@ -234,6 +284,8 @@ def part_less_scoring(config: PerfConfig, workdir: Path) -> dict[str, Any]:
         "topk_s": topk_s,
         "total_s": score_s + topk_s,
         "rss_before_mib": base_rss,
+        "peak_extra_anon_mib": memory.anon_mib,
+        "peak_rss_during_mib": memory.rss_mib,
         "feature_files_mib": config.snapshots * config.rows * config.dims * 2 / 2**20,
     }
 
@@ -334,10 +386,16 @@ def summary_line(part: str, r: dict[str, Any]) -> str:
             f"end to end {r['end_to_end_speedup']:.1f}×"
         )
     if part in ("s2l_kmeans", "less_scoring"):
-        return f"{r['rows']:,} rows: {r['total_s']:.1f} s, peak RSS {r['peak_rss_mib']:.0f} MiB"
+        return (
+            f"{r['rows']:,} rows: {r['total_s']:.1f} s; heap +{r['peak_extra_anon_mib']:.0f} MiB, "
+            f"resident incl. mapped features {r['peak_rss_during_mib']:.0f} MiB"
+        )
     if part == "g2is":
-        walk = r.get("walk_lazy_s")
-        return f"{r.get('rows', 0):,} rows: walk {walk} s, peak RSS {r['peak_rss_mib']:.0f} MiB (this process)"
+        return (
+            f"{r.get('rows', 0):,} rows × {r.get('dims')} dims, budget {r.get('budget')}: PCA "
+            f"{r.get('normalize_and_pca_s')} s + walk {r.get('walk_lazy_s')} s; peak RSS "
+            f"{r.get('peak_rss_after_lazy_walk_gib')} GiB (bench process)"
+        )
     return json.dumps(r)[:200]
 
 
@@ -353,7 +411,12 @@ def markdown_table(result: dict[str, Any]) -> str:
         "g2is": "G2IS PCA + lazy-kNN gradient walk (memory-mapped fp16 features)",
     }
     for part, r in result["parts"].items():
-        peak = "–" if "error" in r else f"{r.get('peak_rss_mib', float('nan')):.0f} MiB"
+        if "error" in r:
+            peak = "–"
+        elif part == "g2is":
+            peak = f"{1024 * r.get('peak_rss_after_lazy_walk_gib', float('nan')):.0f} MiB"
+        else:
+            peak = f"{r.get('peak_rss_mib', float('nan')):.0f} MiB"
         lines.append(f"| {part} | {what.get(part, part)} | {summary_line(part, r)} | {peak} |")
     return "\n".join(lines)
 
