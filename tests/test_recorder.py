@@ -139,21 +139,30 @@ def test_resume_from_checkpoint_keeps_every_record_once(tmp_path, tokenizer, poo
     np.testing.assert_allclose(straight["loss"], resumed["loss"], rtol=1e-5)
 
 
-def test_sweep_losses_match_final_weights(tmp_path, tokenizer, tiny_model, pool):
+def test_sweeps_at_listed_steps_match_the_weights_of_that_step(tmp_path, tokenizer, tiny_model, pool):
+    """Sweeps run at listed steps even when no checkpoint is saved there (save_strategy="no")."""
+    weights = WeightsPerStep()
     args = sft_config(tmp_path, max_steps=4)
     trainer = SFTTrainer(
         model=tiny_model,
         args=args,
         train_dataset=with_row_ids(pool),
         processing_class=tokenizer,
-        callbacks=[LossRecorderCallback(sweep_steps=[4], sweep_batch_size=13)],
+        callbacks=[LossRecorderCallback(sweep_steps=[2, 4], sweep_batch_size=13), weights],
     )
     trainer.train()
     sweep = RunStore.for_output_dir(tmp_path).load_arrays("sweep")
-    assert sweep["steps"].tolist() == [4] and sweep["row_id"].tolist() == list(range(len(pool)))
+    assert sweep["steps"].tolist() == [2, 4] and sweep["row_id"].tolist() == list(range(len(pool)))
+    at_step_2 = type(tiny_model)(tiny_model.config)
+    at_step_2.load_state_dict(weights.weights[2])  # the weights after 2 updates
     for row in (0, 17, 95):
-        expected = reference_loss(tiny_model, tokenizer, pool[row]["prompt"], pool[row]["completion"], 32)
-        assert sweep["loss"][0, row] == pytest.approx(expected, rel=1e-4)
+        prompt, completion = pool[row]["prompt"], pool[row]["completion"]
+        assert sweep["loss"][0, row] == pytest.approx(
+            reference_loss(at_step_2, tokenizer, prompt, completion, 32), rel=1e-4
+        )
+        assert sweep["loss"][1, row] == pytest.approx(
+            reference_loss(tiny_model, tokenizer, prompt, completion, 32), rel=1e-4
+        )
     assert tiny_model.training, "the sweep must put the model back in training mode"
 
 

@@ -387,6 +387,8 @@ def merge_shards(folder: str | os.PathLike, raise_if_incomplete: bool = True) ->
         return False
     os.close(fd)
     try:
+        if json.loads((folder / "meta.json").read_text()).get("complete"):
+            return True  # another process merged (and removed the shards) between our check and the lock
         _merge(folder, meta, works)
     finally:
         lock.unlink(missing_ok=True)

@@ -135,15 +135,16 @@ class LossRecorderCallback(TrainerCallback):
             self.store.write_manifest(self._manifest(args, state))
         wait_for_everyone()
 
+    def on_step_end(self, args, state, control, **kwargs):
+        if isinstance(self.sweep_steps, list) and state.global_step in self.sweep_steps:
+            self._sweep(state.global_step)  # a listed step sweeps whether or not it saves a checkpoint
+
     def on_save(self, args, state, control, **kwargs):
-        if self.sweep_steps == "saves" or (self.sweep_steps and state.global_step in self.sweep_steps):
+        if self.sweep_steps == "saves" and state.global_step not in self._sweeps:
             self._sweep(state.global_step)
         self._flush(args, state)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if isinstance(self.sweep_steps, list) and state.global_step in self.sweep_steps:
-            if state.global_step not in self._sweeps:
-                self._sweep(state.global_step)
         self._flush(args, state)
 
     def detach(self) -> None:
