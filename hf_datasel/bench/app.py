@@ -59,6 +59,7 @@ def perf(
     ] = None,
     rows: int = typer.Option(1_000_000, min=100, help="Rows for the S2L / LESS / G2IS scoring parts."),
     out: str = typer.Option("docs/bench/perf.json", help="Where the JSON result goes."),
+    update: bool = typer.Option(False, help="Replace only the parts run now in an existing --out."),
 ) -> None:
     """Recorder overhead, featurizer, spectra, and S2L/LESS/G2IS at scale, each as a ratio measured in one run."""
     from .perf import PARTS, PerfConfig, markdown_table, run_perf
@@ -66,5 +67,6 @@ def perf(
     unknown = sorted(set(parts or ()) - set(PARTS))
     if unknown:
         raise typer.BadParameter(f"unknown part(s) {unknown}; choose from {list(PARTS)}", param_hint="--part")
-    result = run_perf(PerfConfig(parts=tuple(parts) if parts else PARTS, rows=rows), out=out, log=typer.echo)
+    config = PerfConfig(parts=tuple(parts) if parts else PARTS, rows=rows)
+    result = run_perf(config, out=out, log=typer.echo, update=update)
     typer.echo(markdown_table(result))

@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -71,7 +72,7 @@ class PerfConfig:
     budget_share: float = 0.01
     g2is_budget_share: float = 0.001
     g2is_dims: int = 256
-    timeout_s: int = 1800  # per part
+    timeout_s: int = 900  # per part
     workdir: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -332,17 +333,33 @@ def run_part(part: str, config: PerfConfig) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(dir=config.workdir) as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "hf_datasel.bench.perf", "--child", part, json.dumps(asdict(config)), str(out)]
+        env = dict(os.environ)
+        if part == "featurize" and config.featurize_threads == 1:
+            # one thread from the start: no OpenMP pool exists when the bench forks to measure memory
+            env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        # its own session, so a timeout ends the part's forked helpers too
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+        )
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=config.timeout_s)
+            _, stderr = proc.communicate(timeout=config.timeout_s)
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
             return {"error": f"timed out after {config.timeout_s} s"}
-        if done.returncode != 0 or not out.exists():
-            return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1][:500]}
+        if proc.returncode != 0 or not out.exists():
+            errors = [line for line in stderr.strip().splitlines() if "Error" in line or "error" in line]
+            return {"error": (errors or stderr.strip().splitlines() or ["no output"])[-1][:500]}
         return json.loads(out.read_text())
 
 
-def run_perf(config: PerfConfig | None = None, out: str | os.PathLike | None = None, log=print) -> dict[str, Any]:
-    """Every part of `config.parts` in turn; the combined result (also written to `out`)."""
+def run_perf(
+    config: PerfConfig | None = None, out: str | os.PathLike | None = None, log=print, update: bool = False
+) -> dict[str, Any]:
+    """Every part of `config.parts` in turn; the combined result (also written to `out`).
+
+    With `update=True` and an existing `out`, only the parts run now are replaced in it.
+    """
     from .recorder import machine
 
     config = config or PerfConfig()
@@ -360,6 +377,14 @@ def run_perf(config: PerfConfig | None = None, out: str | os.PathLike | None = N
         "seconds": round(time.perf_counter() - started, 1),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if out and update and Path(out).exists():
+        earlier = json.loads(Path(out).read_text())
+        for part, value in earlier.get("parts", {}).items():
+            if part not in parts:
+                value.setdefault("measured", earlier.get("created"))
+                result["parts"] = {**{part: value}, **result["parts"]}
+        result["parts"] = {p: result["parts"][p] for p in PARTS if p in result["parts"]}
+        result["settings"]["parts"] = list(result["parts"])
     if out:
         write_json(out, result)
         Path(out).with_suffix(".md").write_text(markdown_table(result) + "\n")
@@ -430,9 +455,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--out", default="docs/bench/perf.json")
+    parser.add_argument("--update", action="store_true", help="replace only these parts in an existing --out")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    result = run_perf(PerfConfig(parts=tuple(args.parts), rows=args.rows), out=args.out)
+    result = run_perf(PerfConfig(parts=tuple(args.parts), rows=args.rows), out=args.out, update=args.update)
     print(markdown_table(result))
 
 

@@ -547,7 +547,8 @@ def plot_quality(result: dict[str, Any], path: str | os.PathLike) -> Path:
         ("noisy_fraction", "noisy rows in the subset"),
     ]
     summary = result["summary"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
+    fig, grid = plt.subplots(2, 2, figsize=(11, 8))
+    axes = grid.ravel()
     for ax, (metric, title) in zip(axes, panels):
         for name, by_budget in summary.items():
             if name == FULL:
@@ -558,7 +559,7 @@ def plot_quality(result: dict[str, Any], path: str | os.PathLike) -> Path:
             stds = [by_budget[b][metric]["std"] for b in budgets]
             ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=name)
         full = summary[FULL]["1"][metric]
-        ax.axhline(full["mean"], color="black", linestyle="--", linewidth=1, label="full pool")
+        ax.axhline(full["mean"], color="black", linestyle="--", linewidth=1, label="full pool (100 %)")
         ax.set_xscale("log")
         budgets_pct = [100 * b for b in result["settings"]["budgets"]]
         ax.set_xticks(budgets_pct)
@@ -567,7 +568,7 @@ def plot_quality(result: dict[str, Any], path: str | os.PathLike) -> Path:
         ax.set_xlabel("subset size (share of the pool)")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=8)
     s = result["settings"]
     fig.suptitle(
         f"{s['mode']} mode: pool {s['pool_size']} rows, {s['noise']:.0%} wrong answers, "
@@ -654,14 +655,26 @@ def run_quality(config: QualityConfig | None = None, log=print, write: bool = Tr
     }
     result["goals"] = goals(result)
     if write:
-        results_dir = Path(config.results_dir)
         stem = "quality" if config.mode == "quick" else f"quality-{config.mode}"
-        write_json(results_dir / f"{stem}.json", result)
-        plot_quality(result, results_dir / f"{stem}.png")
-        (results_dir / f"{stem}.md").write_text(
-            markdown_table(result) + "\n\nTarget-task exact match by budget:\n\n" + budget_table(result) + "\n"
-        )
+        write_json(Path(config.results_dir) / f"{stem}.json", result)
+        write_reports(result, Path(config.results_dir) / stem)
     return result
+
+
+def write_reports(result: dict[str, Any], stem: Path) -> None:
+    """`<stem>.png` (the plot) and `<stem>.md` (the tables) from a result (fresh or read back from JSON)."""
+    plot_quality(result, stem.with_suffix(".png"))
+    stem.with_suffix(".md").write_text(
+        markdown_table(result)
+        + "\n\nTarget-task exact match by budget:\n\n"
+        + budget_table(result)
+        + "\n\nAll-task eval loss by budget:\n\n"
+        + budget_table(result, "all_loss")
+        + "\n\nNoisy rows in the subset by budget (pool: "
+        + f"{np.mean([p['noisy_fraction'] for p in result['pool']]):.1%}):\n\n"
+        + budget_table(result, "noisy_fraction")
+        + "\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -672,7 +685,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--large-steps", type=int)
     parser.add_argument("--pool-size", type=int)
     parser.add_argument("--results-dir")
+    parser.add_argument("--replot", metavar="JSON", help="only redraw the plot and tables of an earlier result")
     args = parser.parse_args(argv)
+    if args.replot:
+        result = json.loads(Path(args.replot).read_text())
+        write_reports(result, Path(args.replot).with_suffix(""))
+        print(markdown_table(result))
+        return
     overrides: dict[str, Any] = {}
     if args.seeds:
         overrides["seeds"] = tuple(args.seeds)
