@@ -489,6 +489,11 @@ def summarize(runs: list[dict]) -> dict[str, dict[str, dict[str, dict[str, float
     return dict(out)
 
 
+def _methods(summary: dict[str, Any]) -> list[str]:
+    """Methods of a summary in the order of `VARIANTS` (JSON round trips sort keys), full pool left out."""
+    return [n for n in VARIANTS if n in summary] + sorted(n for n in summary if n not in VARIANTS and n != FULL)
+
+
 def _cell(stats: dict[str, float], pct: bool = False) -> str:
     if pct:
         return f"{stats['mean']:.0%} ± {stats['std']:.0%}"
@@ -503,7 +508,7 @@ def markdown_table(result: dict[str, Any], budget: float = 0.1) -> str:
         "| noisy rows | target rows |",
         "|---|---|---|---|---|---|",
     ]
-    names = [m for m in summary if m != FULL and key in summary[m]] + [FULL]
+    names = [m for m in _methods(summary) if key in summary[m]] + [FULL]
     for name in names:
         stats = summary[name].get(key) if name != FULL else summary[FULL]["1"]
         if stats is None:
@@ -522,9 +527,8 @@ def budget_table(result: dict[str, Any], metric: str = "target_exact_match") -> 
     summary = result["summary"]
     budgets = [f"{b:g}" for b in result["settings"]["budgets"]]
     lines = ["| method | " + " | ".join(f"{float(b):.0%}" for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
-    for name, by_budget in summary.items():
-        if name == FULL:
-            continue
+    for name in _methods(summary):
+        by_budget = summary[name]
         lines.append(
             f"| {name} | " + " | ".join(_cell(by_budget[b][metric]) if b in by_budget else "–" for b in budgets) + " |"
         )
@@ -550,9 +554,8 @@ def plot_quality(result: dict[str, Any], path: str | os.PathLike) -> Path:
     fig, grid = plt.subplots(2, 2, figsize=(11, 8))
     axes = grid.ravel()
     for ax, (metric, title) in zip(axes, panels):
-        for name, by_budget in summary.items():
-            if name == FULL:
-                continue
+        for name in _methods(summary):
+            by_budget = summary[name]
             budgets = sorted(by_budget, key=float)
             xs = [100 * float(b) for b in budgets]
             means = [by_budget[b][metric]["mean"] for b in budgets]
