@@ -145,6 +145,8 @@ def part_recorder(config: PerfConfig, workdir: Path) -> dict[str, Any]:
         "recorder_median_step_ms": r["recorder"]["median_step_ms"],
         "overhead": r["overhead"],
         "overhead_paired_median": r["overhead_paired_median"],
+        "hook_ms_per_step": r["hook_ms_per_step"],
+        "hook_share_of_plain_step": r["hook_share_of_plain_step"],
         "goal_overhead": r["goal_overhead"],
         "meets_goal": r["meets_goal"],
         "settings": r["settings"],
@@ -398,7 +400,9 @@ def summary_line(part: str, r: dict[str, Any]) -> str:
     if part == "recorder":
         return (
             f"plain {r['plain_median_step_ms']:.1f} ms/step, recorder {r['recorder_median_step_ms']:.1f} ms/step, "
-            f"overhead {r['overhead']:+.1%} (goal ≤ {r['goal_overhead']:.0%})"
+            f"overhead {r['overhead']:+.1%} (paired median {r['overhead_paired_median']:+.1%}; goal ≤ "
+            f"{r['goal_overhead']:.0%}); inside the hooks "
+            f"{r.get('hook_share_of_plain_step', float('nan')):.1%} of a step"
         )
     if part == "featurize":
         return (
