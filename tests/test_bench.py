@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hf_datasel.bench.perf import PerfConfig, run_part, run_perf
-from hf_datasel.bench.quality import FULL, QualityConfig, budget_table, markdown_table, run_quality
+from hf_datasel.bench.quality import FULL, QualityConfig, budget_table, markdown_table, run_quality, write_reports
 from hf_datasel.bench.recorder import run_recorder_bench
 from hf_datasel.selector import resolve_budget
 from hf_datasel.synthetic import make_pool
@@ -51,6 +51,9 @@ def test_quality_writes_json_plot_and_table(quality):
             assert np.isfinite(run["eval"][part]["loss"])
     assert "| full pool (100 %) |" in markdown_table(result, 0.25)
     assert "| random |" in budget_table(result)
+    write_reports(on_disk, root / "again" / "quality")  # --replot: the same reports from the JSON alone
+    assert (root / "again" / "quality.png").exists()
+    assert (root / "again" / "quality.md").read_text() == (root / "docs" / "quality.md").read_text()
 
 
 def test_quality_counts_come_from_the_selections(quality):
@@ -102,6 +105,7 @@ def test_recorder_bench_times_every_step_after_warmup(tmp_path):
     assert result["overhead"] == pytest.approx(ratio)
     assert result["meets_goal"] == (result["overhead"] <= result["goal_overhead"])
     assert result["sweep_seconds_per_pool"] is not None
+    assert result["hook_ms_per_step"] > 0 and result["hook_share_of_plain_step"] > 0
 
 
 def test_perf_scoring_parts_on_small_inputs(tmp_path):

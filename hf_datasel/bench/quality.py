@@ -20,6 +20,13 @@ Per seed:
 
 The numbers, per-seed runs and their mean/std over seeds go to `docs/bench/quality.json`,
 the plot to `docs/bench/quality.png`, a markdown table to `docs/bench/quality.md`.
+
+Calibration (why these defaults): the target is `sort`, the one task the large model learns
+from scratch within 300 steps (600 clean sort rows alone: exact match 0.51; copy 0.16-0.23,
+reverse 0.15, add 0.05). A generic pretraining of the large model was tried and left out:
+1 500 steps on the other three tasks lowered the sort exact match after 300 fine-tuning steps
+from 0.51 to 0.27. The large model therefore starts from the same random weights for every
+subset of a seed. Budgets are shares of the pool; every subset gets the same step count.
 """
 
 from __future__ import annotations
