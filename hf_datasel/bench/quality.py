@@ -55,6 +55,7 @@ from ..data import pad_batch, tokenize_rows
 from ..evaluation import evaluate_by_task
 from ..methods import METHODS
 from ..record import LossRecorderCallback
+from ..record.snapshot import SnapshotCallback
 from ..rows import with_row_ids
 from ..selector import DataSelector, resolve_budget
 from ..store import write_json
@@ -188,17 +189,10 @@ def _record_proxy(config: QualityConfig, pool: Dataset, seed: int, out: Path):
     model = build_model(tokenizer, PROXY, seed=seed)
     steps_per_epoch = -(-len(pool) // config.batch_size)
     save_steps = max(1, steps_per_epoch // config.saves_per_epoch)
-    callbacks: list[Any] = [LossRecorderCallback(sweep_steps="saves")]
-    used = ["LossRecorderCallback(sweep_steps='saves')"]
-    try:
-        from ..record.snapshot import SnapshotCallback
-
-        every = max(1, steps_per_epoch // config.snapshots_per_epoch)
-        steps = list(range(every, steps_per_epoch * config.proxy_epochs + 1, every))
-        callbacks.append(SnapshotCallback(steps=steps))
-        used.append(f"SnapshotCallback(steps={steps})")
-    except ImportError:  # the gradient engine is optional for the loss-based methods
-        pass
+    every = max(1, steps_per_epoch // config.snapshots_per_epoch)
+    snapshot_steps = list(range(every, steps_per_epoch * config.proxy_epochs + 1, every))
+    callbacks: list[Any] = [LossRecorderCallback(sweep_steps="saves"), SnapshotCallback(steps=snapshot_steps)]
+    used = ["LossRecorderCallback(sweep_steps='saves')", f"SnapshotCallback(steps={snapshot_steps})"]
     args = SFTConfig(
         output_dir=str(out),
         per_device_train_batch_size=config.batch_size,
