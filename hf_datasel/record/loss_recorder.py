@@ -118,8 +118,6 @@ class LossRecorderCallback(TrainerCallback):
         if resuming:
             previous = self.store.load_arrays(RunStore.LOSSES)
             keep = previous["step"] < state.global_step  # the steps after the checkpoint are trained again
-            if "epoch" not in previous:  # written before epochs were recorded: a step is its own epoch
-                previous["epoch"] = -1 - previous["step"]
             self._previous = {k: v[keep] for k, v in previous.items()}
             if self.store.has(RunStore.SWEEP):
                 sweep = self.store.load_arrays(RunStore.SWEEP)
