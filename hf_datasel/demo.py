@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 from trl import SFTConfig, SFTTrainer
@@ -23,7 +22,7 @@ from .record import LossRecorderCallback
 from .rows import with_row_ids
 from .selector import DataSelector
 from .store import write_json
-from .synthetic import LARGE, PROXY, build_model, build_tokenizer, make_pool, save_and_reload
+from .synthetic import LARGE, PROXY, build_model, build_tokenizer, make_pool, save_and_reload, tiny_sft_config
 
 
 @dataclass
@@ -39,24 +38,7 @@ class DemoConfig:
 
 
 def _sft_args(output_dir: Path, **kwargs) -> SFTConfig:
-    base = dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=16,
-        per_device_eval_batch_size=64,
-        learning_rate=3e-3,
-        lr_scheduler_type="cosine",
-        warmup_steps=0.05,
-        logging_steps=50,
-        report_to=[],
-        bf16=False,
-        use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=False,
-        max_length=48,
-        save_strategy="no",
-        disable_tqdm=True,
-    )
-    base.update(kwargs)
-    return SFTConfig(**base)
+    return tiny_sft_config(output_dir, lr_scheduler_type="cosine", warmup_steps=0.05, **kwargs)
 
 
 def run_demo(config: DemoConfig | None = None, console: Console | None = None) -> dict:

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 from transformers.utils import logging as hf_logging
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 from ..data import pad_batch, tokenize_rows
 from ..evaluation import evaluate_by_task
@@ -59,7 +59,7 @@ from ..record.snapshot import SnapshotCallback
 from ..rows import with_row_ids
 from ..selector import DataSelector, resolve_budget
 from ..store import write_json
-from ..synthetic import LARGE, PROXY, TASKS, build_model, build_tokenizer, make_pool
+from ..synthetic import LARGE, PROXY, TASKS, build_model, build_tokenizer, make_pool, tiny_sft_config
 from .recorder import machine
 
 TARGETS = object()  # placeholder in a variant's parameters for the target examples
@@ -193,25 +193,19 @@ def _record_proxy(config: QualityConfig, pool: Dataset, seed: int, out: Path):
     snapshot_steps = list(range(every, steps_per_epoch * config.proxy_epochs + 1, every))
     callbacks: list[Any] = [LossRecorderCallback(sweep_steps="saves"), SnapshotCallback(steps=snapshot_steps)]
     used = ["LossRecorderCallback(sweep_steps='saves')", f"SnapshotCallback(steps={snapshot_steps})"]
-    args = SFTConfig(
-        output_dir=str(out),
+    args = tiny_sft_config(
+        out,
         per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=64,
         num_train_epochs=config.proxy_epochs,
         learning_rate=config.learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=0.05,
         logging_steps=10_000,
-        report_to=[],
-        bf16=False,
-        use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=False,
         max_length=config.max_length,
         save_strategy="steps",
         save_steps=save_steps,
         save_only_model=True,
         save_total_limit=1,
-        disable_tqdm=True,
         seed=seed,
     )
     trainer = SFTTrainer(

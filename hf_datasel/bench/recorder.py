@@ -32,7 +32,7 @@ from trl import SFTConfig, SFTTrainer
 from ..record import LossRecorderCallback
 from ..rows import with_row_ids
 from ..store import write_json
-from ..synthetic import PROXY, build_model, build_tokenizer, make_pool
+from ..synthetic import PROXY, build_model, build_tokenizer, make_pool, tiny_sft_config
 
 GOAL_OVERHEAD = 0.03
 
@@ -83,21 +83,8 @@ def machine() -> dict[str, Any]:
 
 
 def _args(output_dir: str, steps: int, batch_size: int, seed: int) -> SFTConfig:
-    return SFTConfig(
-        output_dir=output_dir,
-        per_device_train_batch_size=batch_size,
-        max_steps=steps,
-        learning_rate=3e-3,
-        logging_steps=10_000,
-        report_to=[],
-        bf16=False,
-        use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=False,
-        max_length=48,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=seed,
-        dataloader_num_workers=0,
+    return tiny_sft_config(
+        output_dir, per_device_train_batch_size=batch_size, max_steps=steps, logging_steps=10_000, seed=seed
     )
 
 

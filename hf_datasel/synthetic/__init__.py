@@ -2,6 +2,7 @@
 
 from .models import LARGE, PROXY, TinyLlamaSpec, build_model, build_tokenizer, save_and_reload
 from .tasks import TASKS, make_pool
+from .training import tiny_sft_config
 
 __all__ = [
     "LARGE",
@@ -12,4 +13,5 @@ __all__ = [
     "build_tokenizer",
     "make_pool",
     "save_and_reload",
+    "tiny_sft_config",
 ]
