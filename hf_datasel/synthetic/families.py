@@ -30,8 +30,13 @@ DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 _HIDDEN, _LAYERS, _HEADS, _KV_HEADS, _FFN, _POSITIONS = 32, 2, 4, 2, 64, 128
 
 
-def family_config(family: str, vocab_size: int, pad_token_id: int | None = None, eos_token_id: int | None = None,
-                  bos_token_id: int | None = None):
+def family_config(
+    family: str,
+    vocab_size: int,
+    pad_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    bos_token_id: int | None = None,
+):
     """A tiny fp32 config of `family` (a `model_type`) for a tokenizer of `vocab_size` tokens."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
@@ -40,17 +45,41 @@ def family_config(family: str, vocab_size: int, pad_token_id: int | None = None,
     if family == "gpt2":
         kw = dict(n_embd=_HIDDEN, n_layer=_LAYERS, n_head=_HEADS, n_positions=_POSITIONS, n_inner=_FFN)
     elif family == "opt":
-        kw = dict(hidden_size=_HIDDEN, num_hidden_layers=_LAYERS, num_attention_heads=_HEADS, ffn_dim=_FFN,
-                  max_position_embeddings=_POSITIONS, word_embed_proj_dim=_HIDDEN)
+        kw = dict(
+            hidden_size=_HIDDEN,
+            num_hidden_layers=_LAYERS,
+            num_attention_heads=_HEADS,
+            ffn_dim=_FFN,
+            max_position_embeddings=_POSITIONS,
+            word_embed_proj_dim=_HIDDEN,
+        )
     elif family == "gpt_neox":
-        kw = dict(hidden_size=_HIDDEN, num_hidden_layers=_LAYERS, num_attention_heads=_HEADS,
-                  intermediate_size=_FFN, max_position_embeddings=_POSITIONS, rotary_pct=0.5)
+        kw = dict(
+            hidden_size=_HIDDEN,
+            num_hidden_layers=_LAYERS,
+            num_attention_heads=_HEADS,
+            intermediate_size=_FFN,
+            max_position_embeddings=_POSITIONS,
+            rotary_pct=0.5,
+        )
     elif family == "falcon":
-        kw = dict(hidden_size=_HIDDEN, num_hidden_layers=_LAYERS, num_attention_heads=_HEADS,
-                  new_decoder_architecture=True, num_kv_heads=_KV_HEADS, ffn_hidden_size=_FFN)
+        kw = dict(
+            hidden_size=_HIDDEN,
+            num_hidden_layers=_LAYERS,
+            num_attention_heads=_HEADS,
+            new_decoder_architecture=True,
+            num_kv_heads=_KV_HEADS,
+            ffn_hidden_size=_FFN,
+        )
     else:
-        kw = dict(hidden_size=_HIDDEN, num_hidden_layers=_LAYERS, num_attention_heads=_HEADS,
-                  num_key_value_heads=_KV_HEADS, intermediate_size=_FFN, max_position_embeddings=_POSITIONS)
+        kw = dict(
+            hidden_size=_HIDDEN,
+            num_hidden_layers=_LAYERS,
+            num_attention_heads=_HEADS,
+            num_key_value_heads=_KV_HEADS,
+            intermediate_size=_FFN,
+            max_position_embeddings=_POSITIONS,
+        )
         if family in ("gemma2", "gemma3_text", "qwen3"):
             kw["head_dim"] = _HIDDEN // _HEADS
         if family in ("gemma2", "gemma3_text"):
@@ -62,8 +91,9 @@ def family_config(family: str, vocab_size: int, pad_token_id: int | None = None,
 
 def build_family_model(family: str, tokenizer, seed: int = 0) -> PreTrainedModel:
     """A randomly initialised tiny `family` model sized for `tokenizer` (deterministic under `seed`)."""
-    config = family_config(family, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id,
-                           tokenizer.bos_token_id)
+    config = family_config(
+        family, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id
+    )
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
