@@ -1,0 +1,44 @@
+"""Run passes of our own on a user's model and hand it back exactly as it came.
+
+Featurizing, spectra, probes and sweeps need a plain forward: no activation checkpointing (a
+recomputed forward would fire the capture hooks twice) and no dropout. A model passed in by the
+user (`model=`, `gradient_spectra(model)`, `trainer.model`) must come back with the same weights,
+train/eval mode, checkpointing flags and `requires_grad` flags, whatever happens inside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+@contextmanager
+def plain_forward(model: nn.Module, keep_weights: Iterable[str] = ()) -> Iterator[nn.Module]:
+    """Eval mode and no activation checkpointing inside; everything restored on exit, errors included.
+
+    `keep_weights` names parameters the caller will overwrite (e.g. with snapshot weights): their
+    values are copied first and written back on exit, so the user's trained weights survive.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    checkpointing = [(m, m.gradient_checkpointing) for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+    named = dict(model.named_parameters())
+    requires = [(p, p.requires_grad) for p in named.values()]
+    saved = {n: named[n].detach().clone() for n in keep_weights}
+    try:
+        for module, _ in checkpointing:
+            module.gradient_checkpointing = False
+        model.eval()
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                named[name].copy_(value)
+        for module, flag in checkpointing:
+            module.gradient_checkpointing = flag
+        for module, flag in modes:
+            module.training = flag
+        for p, flag in requires:
+            p.requires_grad_(flag)
