@@ -1,51 +1,275 @@
-"""Tokenize raw rows the way SFTTrainer does, for passes hf_datasel runs itself.
+"""One data path, the trainer's: raw rows become model inputs exactly as the recorded run's trainer made them.
 
-Featurizing, spectra and probes run their own forward passes on datasets the trainer never
-saw (targets, probes, evaluation rows). They tokenize like TRL's SFTTrainer: prompt tokens,
-then completion tokens and EOS, with the loss on the completion only; a `text` row is
-trained on every token. Padding may be on either side; the loss never depends on it.
+Featurizing, spectra, probes and evaluation run forward passes of their own, often on datasets the
+trainer never saw (targets, probes, held-out rows). Re-implementing tokenization drifts from what
+was trained (BOS added by a tokenizer's post-processor, chat templates, the prompt/completion
+boundary, assistant masks), so this module drives TRL's own `SFTTrainer._prepare_dataset` and the
+trainer's own collator, configured by a `RowProcessing` recorded from the live trainer into the
+run store (`processing.json`). A plain `transformers.Trainer` run on a pre-tokenized dataset is
+recorded as `format="tokenized"`: the dataset's own `input_ids` / `labels`, through the same kind
+of collator the trainer had.
+
+Every dataset format SFTTrainer accepts works: text, prompt/completion, conversational
+prompt/completion, `messages` (with `assistant_only_loss`), pre-tokenized `input_ids`
+(+ `completion_mask` / `labels`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Literal
+import dataclasses
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Literal
 
+import datasets
 import torch
 from datasets import Dataset
 
 from .record.per_sample_loss import IGNORE_INDEX
+from .rows import strip_row_columns
+
+PROCESSING_FILE = "processing.json"
+_POSITION = "__datasel_position"
+
+Rows = list[dict[str, list[int]]]
+Collator = Callable[[list[dict[str, Any]]], dict[str, Any]]
 
 
-def _columns_error(columns: list[str]) -> ValueError:
-    return ValueError(f"Expected a 'prompt' and 'completion' column (or a 'text' column); the dataset has {columns}.")
+@dataclass(frozen=True)
+class RowProcessing:
+    """How a trainer turns raw rows into `input_ids` and labels; recorded so later passes do the same.
+
+    Attributes:
+        format: "sft" (TRL SFTTrainer's dataset preparation) or "tokenized" (the rows' own
+            `input_ids` / `labels`, as a plain `transformers.Trainer` uses them).
+        max_length, truncation_mode: SFTConfig's truncation (`None`: none).
+        dataset_text_field: the text column of language-modeling rows.
+        completion_only_loss: SFTConfig's value; `None` is TRL's rule, decided per dataset
+            (loss on the completion only when the rows are prompt/completion).
+        assistant_only_loss: loss on assistant turns only (`messages` rows).
+        chat_template: the template the trainer tokenized with when it swapped in its own
+            (assistant_only_loss on a template without generation markers); `None`: the tokenizer's.
+        collator: "trl" (TRL's `DataCollatorForLanguageModeling`), "transformers_lm"
+            (transformers' `DataCollatorForLanguageModeling(mlm=False)`: labels are the inputs with the
+            pad id masked), "default" (labels as the rows give them), or "custom:<class>" (pass
+            `data_collator=` to rebuild it).
+        pad_to_multiple_of: the collator's padding multiple.
+        formatting_func: the run used a `formatting_func` (it cannot be stored; map rows to text first).
+    """
+
+    format: Literal["sft", "tokenized"] = "sft"
+    max_length: int | None = 1024
+    truncation_mode: str = "keep_start"
+    dataset_text_field: str = "text"
+    completion_only_loss: bool | None = None
+    assistant_only_loss: bool = False
+    chat_template: str | None = None
+    collator: str = "trl"
+    pad_to_multiple_of: int | None = None
+    formatting_func: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RowProcessing:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def replace(self, **changes: Any) -> RowProcessing:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_trainer(cls, trainer) -> RowProcessing:
+        """What `trainer` (an SFTTrainer or a plain Trainer) does to a raw row."""
+        from trl import SFTTrainer
+
+        from .record.trainer_hooks import RowIdCollator
+
+        collator = trainer.data_collator
+        while isinstance(collator, RowIdCollator):
+            collator = collator.inner
+        kind, multiple = _collator_kind(collator)
+        args = trainer.args
+        if isinstance(trainer, SFTTrainer) and not getattr(trainer, "_skip_prepare_dataset", False):
+            return cls(
+                format="sft",
+                max_length=args.max_length,
+                truncation_mode=args.truncation_mode,
+                dataset_text_field=args.dataset_text_field,
+                completion_only_loss=args.completion_only_loss,
+                assistant_only_loss=bool(args.assistant_only_loss),
+                chat_template=getattr(trainer, "chat_template", None),
+                collator=kind,
+                pad_to_multiple_of=multiple,
+                formatting_func=getattr(trainer, "_formatting_func", None) is not None,
+            )
+        return cls(format="tokenized", max_length=None, collator=kind, pad_to_multiple_of=multiple)
 
 
-def tokenize_rows(dataset: Dataset, tokenizer, max_length: int | None = 1024) -> list[dict[str, list[int]]]:
-    """Per row: `input_ids` and `labels` (-100 on the prompt), truncated to `max_length`."""
-    columns = dataset.column_names
+def _collator_kind(collator) -> tuple[str, int | None]:
+    from transformers import DataCollatorForLanguageModeling as HFLanguageModeling
+    from transformers import DataCollatorWithPadding, default_data_collator
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling as TRLLanguageModeling
+
+    multiple = getattr(collator, "pad_to_multiple_of", None)
+    if isinstance(collator, TRLLanguageModeling):
+        if collator.padding_free:
+            return f"custom:{type(collator).__qualname__}(padding_free)", multiple
+        return "trl", multiple
+    if isinstance(collator, HFLanguageModeling) and not collator.mlm:
+        return "transformers_lm", multiple
+    if collator is default_data_collator or isinstance(collator, DataCollatorWithPadding):
+        return "default", multiple
+    cls = collator if isinstance(collator, type) else type(collator)
+    return f"custom:{cls.__module__}.{cls.__qualname__}", multiple
+
+
+def save_processing(store_path: str | Path, processing: RowProcessing) -> None:
+    from .store import write_json
+
+    write_json(Path(store_path) / PROCESSING_FILE, processing.to_dict())
+
+
+def load_processing(store_path: str | Path) -> RowProcessing:
+    """The recorded run's processing; SFTTrainer's defaults for a store recorded without it."""
+    path = Path(store_path) / PROCESSING_FILE
+    if not path.exists():
+        return RowProcessing()
+    return RowProcessing.from_dict(json.loads(path.read_text()))
+
+
+# -- rows ------------------------------------------------------------------------------------
+def prepare_rows(dataset: Dataset, tokenizer, processing: RowProcessing | None = None) -> Rows:
+    """Per dataset row: `input_ids` and `labels` (-100 where the trainer puts no loss), as the trainer made them.
+
+    Row i of the result is row i of `dataset`. A row the trainer would drop (no label token left
+    after truncation) comes back as one pad token with no label: it has no gradient and no loss.
+    """
+    processing = processing or RowProcessing()
     if len(dataset) == 0:
-        raise ValueError("The dataset is empty.")
-    if {"prompt", "completion"} <= set(columns):
-        prompts, completions = list(dataset["prompt"]), list(dataset["completion"])
-        prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        full_ids = tokenizer([p + c for p, c in zip(prompts, completions)], add_special_tokens=False)["input_ids"]
-        rows = []
-        for prompt, full in zip(prompt_ids, full_ids):
-            ids = full + [tokenizer.eos_token_id]
-            rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * len(prompt) + ids[len(prompt) :]})
-    elif "text" in columns:
-        texts = tokenizer(list(dataset["text"]), add_special_tokens=False)["input_ids"]
-        rows = [{"input_ids": t + [tokenizer.eos_token_id], "labels": t + [tokenizer.eos_token_id]} for t in texts]
+        raise ValueError("The dataset is empty; there is nothing to tokenize.")
+    dataset = strip_row_columns(dataset)
+    if processing.format == "tokenized":
+        rows = _tokenized_rows(dataset, processing)
     else:
-        raise _columns_error(columns)
-    if max_length is not None:
-        rows = [{k: v[:max_length] for k, v in row.items()} for row in rows]
+        rows = _sft_rows(dataset, tokenizer, processing)
+    if processing.collator == "transformers_lm":  # that collator trains on the inputs, pad id masked
+        pad = tokenizer.pad_token_id
+        rows = [{"input_ids": r["input_ids"], "labels": [IGNORE_INDEX if t == pad else t for t in r["input_ids"]]}
+                for r in rows]  # fmt: skip
     return rows
 
 
+def _tokenized_rows(dataset: Dataset, processing: RowProcessing) -> Rows:
+    if "input_ids" not in dataset.column_names:
+        raise ValueError(
+            "The recorded run trained on pre-tokenized rows (a plain Trainer), so rows need an 'input_ids' column "
+            f"(and optionally 'labels'); the dataset has {dataset.column_names}."
+        )
+    ids = dataset["input_ids"]
+    labels = dataset["labels"] if "labels" in dataset.column_names else ids
+    cut = slice(None, processing.max_length)
+    return [{"input_ids": list(i)[cut], "labels": list(lab)[cut]} for i, lab in zip(ids, labels)]
+
+
+def _sft_rows(dataset: Dataset, tokenizer, processing: RowProcessing) -> Rows:
+    from trl import SFTConfig, SFTTrainer
+
+    columns = set(dataset.column_names)
+    formats = ({"input_ids"}, {"messages"}, {"prompt", "completion"}, {processing.dataset_text_field})
+    if not any(f <= columns for f in formats):
+        hint = " The run used a formatting_func: map the rows to a text column first." * processing.formatting_func
+        raise ValueError(
+            f"Rows need one of SFTTrainer's formats: '{processing.dataset_text_field}', 'prompt'+'completion' "
+            f"(plain or conversational), 'messages', or 'input_ids'; the dataset has {sorted(columns)}.{hint}"
+        )
+    completion_only = processing.completion_only_loss
+    if completion_only is None:  # TRL's rule: decided by the dataset's own format
+        completion_only = {"prompt", "completion"} <= columns
+    defaults = {f.name: f.default for f in dataclasses.fields(SFTConfig) if f.default is not dataclasses.MISSING}
+    args = SimpleNamespace(
+        **{
+            **defaults,
+            "max_length": processing.max_length,
+            "truncation_mode": processing.truncation_mode,
+            "dataset_text_field": processing.dataset_text_field,
+            "assistant_only_loss": processing.assistant_only_loss,
+            "completion_only_loss": completion_only,
+            "dataset_num_proc": None,
+            "shuffle_dataset": False,
+        }
+    )
+    trainer_view = SimpleNamespace(
+        _tokenizer=tokenizer, chat_template=processing.chat_template, completion_only_loss=completion_only
+    )
+    positioned = dataset.add_column(_POSITION, list(range(len(dataset))))
+    with _no_progress_bars():
+        prepared = SFTTrainer._prepare_dataset(trainer_view, positioned, tokenizer, args, False, None, "datasel")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows: Rows = [{"input_ids": [pad], "labels": [IGNORE_INDEX]} for _ in range(len(dataset))]
+    for position, ids, labels in zip(prepared[_POSITION], prepared["input_ids"], prepared["labels"]):
+        rows[position] = {"input_ids": list(ids), "labels": list(labels)}
+    return rows
+
+
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """datasets' per-map progress bars off for our own preparation (five bars a call otherwise)."""
+    was_disabled = datasets.is_progress_bar_enabled() is False
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
+def tokenize_rows(dataset: Dataset, tokenizer, max_length: int | None = 1024) -> Rows:
+    """`prepare_rows` with SFTTrainer's defaults and `max_length`: rows the way a default SFTTrainer sees them."""
+    return prepare_rows(dataset, tokenizer, RowProcessing(max_length=max_length))
+
+
+# -- batches -----------------------------------------------------------------------------------
+def make_collator(processing: RowProcessing, tokenizer, data_collator: Collator | None = None) -> Collator:
+    """The collator the recorded trainer used (or `data_collator`); batches carry an `attention_mask`."""
+    if data_collator is None:
+        if processing.collator.startswith("custom:"):
+            raise ValueError(
+                f"The recorded run used its own data collator ({processing.collator.removeprefix('custom:')}), which "
+                "cannot be rebuilt from the store; pass the same collator as data_collator=."
+            )
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        # "transformers_lm" rows already carry that collator's labels (pad id masked), so one collator serves all.
+        multiple = processing.pad_to_multiple_of
+        data_collator = DataCollatorForLanguageModeling(pad_token_id=pad, pad_to_multiple_of=multiple)
+
+    def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = dict(data_collator(rows))
+        if "attention_mask" not in batch:
+            batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+        return batch
+
+    return collate
+
+
+def to_left_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Move each row's right padding to its left (same tokens, same labels); results must not depend on it."""
+    mask = batch["attention_mask"]
+    width = mask.shape[1]
+    shift = (mask == 0).sum(1, keepdim=True)
+    index = (torch.arange(width, device=mask.device)[None] - shift) % width
+    return {k: v.gather(1, index) if torch.is_tensor(v) and v.shape == mask.shape else v for k, v in batch.items()}
+
+
 def pad_batch(
-    rows: list[dict[str, list[int]]], pad_token_id: int, padding_side: Literal["left", "right"] = "right"
+    rows: Rows, pad_token_id: int, padding_side: Literal["left", "right"] = "right"
 ) -> dict[str, torch.Tensor]:
     """Pad `input_ids`/`labels` into tensors with an `attention_mask`."""
     width = max(len(r["input_ids"]) for r in rows)
@@ -60,7 +284,7 @@ def pad_batch(
 
 
 def iter_batches(
-    rows: list[dict[str, list[int]]],
+    rows: Rows,
     batch_size: int,
     pad_token_id: int,
     padding_side: Literal["left", "right"] = "right",

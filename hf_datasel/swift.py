@@ -373,7 +373,7 @@ def swift_study(
     near_zero: float = DEFAULT_NEAR_ZERO,
     spread: Spread = "pairs",
     batch_size: int = 16,
-    max_length: int | None = 1024,
+    max_length: int | None = None,
     task_column: str = "task",
     strategy_column: str = "strategy",
     model: torch.nn.Module | None = None,
@@ -395,7 +395,7 @@ def swift_study(
             fraction of the median over evals there (it is already learned; RelInf would explode).
         spread: what the table's std/sem are taken over: "pairs" or per-probe means ("probes");
             see `aggregate_relinf`.
-        batch_size, max_length: batching and truncation of the gradient passes.
+        batch_size, max_length: batching and truncation of the gradient passes (default: the recorded trainer's).
         model, tokenizer, device: overrides; by default rebuilt from the store.
 
     Gradients come from `hf_datasel.featurize.gradient_features` (plain, i.e. no preconditioner,

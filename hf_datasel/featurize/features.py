@@ -28,6 +28,7 @@ import math
 import os
 import shutil
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +38,9 @@ import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from ..data import pad_batch, tokenize_rows
+from ..data import Collator, load_processing, make_collator, prepare_rows, to_left_padding
+from ..model_state import plain_forward
+from ..record.snapshot import read_snapshot_index
 from ..store import RunStore, StoreError, atomic_path, write_json
 from .grads import PerSampleGradients
 from .projector import Projector, ProjectorKind, ProjectorSpec
@@ -84,11 +87,13 @@ def adam_precondition(
 class Featurizer:
     """(B, k) gradient features of padded batches for one model at one snapshot.
 
-    One forward and one backward per batch (see `grads.PerSampleGradients`). When the batch's
-    per-sample gradients fit in `fuse_bytes` (B × P floats; LoRA adapters usually do) they are
-    gathered into one (B, P) buffer and preconditioned and projected in a few large operations;
-    otherwise each parameter's block is preconditioned and projected as soon as it is ready, so
-    only one (B, *shape) block is alive at a time.
+    The model is used in place (eval mode, activation checkpointing off); `gradient_features`
+    hands a model it was given back as it came. One forward and one backward per batch (see
+    `grads.PerSampleGradients`). When the batch's per-sample gradients fit in `fuse_bytes`
+    (B × P floats; LoRA adapters usually do) they are gathered into one (B, P) buffer and
+    preconditioned and projected in a few large operations; otherwise each parameter's block is
+    preconditioned and projected as soon as it is ready, so only one (B, *shape) block is alive
+    at a time.
     """
 
     def __init__(
@@ -99,9 +104,9 @@ class Featurizer:
         fuse_bytes: int = 1 << 28,
     ):
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
-            base = model.get_base_model() if hasattr(model, "get_base_model") else model
-            base.gradient_checkpointing_disable()  # recomputed forwards would re-fire the capture hooks
+        for module in model.modules():  # recomputed forwards would fire the capture hooks twice
+            if getattr(module, "gradient_checkpointing", False) is True:
+                module.gradient_checkpointing = False
         self.model = model.to(self.device).eval()
         self.spec = spec
         self.engine = PerSampleGradients(self.model, spec.param_names)
@@ -311,13 +316,16 @@ def featurize_rows(
     folder: str | os.PathLike,
     meta: dict[str, Any],
     *,
+    collate: Collator,
     batch_size: int = 16,
-    pad_token_id: int = 0,
     padding_side: Literal["left", "right"] = "right",
     shard: tuple[int, int] = (0, 1),
     progress: bool = True,
 ) -> dict[str, int]:
-    """Featurize tokenized `rows` into `folder` (shard `shard` of the batch plan); resumable.
+    """Featurize prepared `rows` into `folder` (shard `shard` of the batch plan); resumable.
+
+    `collate` turns a list of rows into a batch the way the recorded trainer's collator did
+    (`data.make_collator`); `padding_side="left"` moves its padding to the left (results do not change).
 
     Finished batches are appended to the shard's `done.log` after the arrays are flushed, so a
     rerun after an interruption computes only the missing batches. When every shard is done,
@@ -342,7 +350,9 @@ def featurize_rows(
     desc = f"features @ step {meta.get('step')} ({meta.get('preconditioner')})"
     for b in tqdm(todo, desc=desc, disable=not progress, unit="batch"):
         positions = plan[b]
-        batch = pad_batch([rows[i] for i in positions], pad_token_id, padding_side)
+        batch = collate([rows[i] for i in positions])
+        if padding_side == "left":
+            batch = to_left_padding(batch)
         feats, _, valid = featurizer.batch_features(batch)
         _write_batch(unit, norms, np.searchsorted(shard_rows, positions), feats, valid)
         unit.flush()
@@ -429,10 +439,11 @@ def gradient_features(
     dtype: str = "float16",
     steps: Sequence[int] | None = None,
     batch_size: int = 16,
-    max_length: int | None = 1024,
+    max_length: int | None = None,
     padding_side: Literal["left", "right"] = "right",
     model: torch.nn.Module | None = None,
     tokenizer=None,
+    data_collator: Collator | None = None,
     device: str | torch.device | None = None,
     shard: tuple[int, int] | None = None,
     progress: bool = True,
@@ -450,17 +461,22 @@ def gradient_features(
 
     Args:
         store: the run store (`RunStore.for_output_dir(output_dir)`), holding snapshots from SnapshotCallback.
-        dataset: rows with `prompt`/`completion` (loss on the completion) or `text`; other columns ignored.
+        dataset: raw rows in any format the recorded trainer accepts (text, prompt/completion, conversational,
+            `messages`, pre-tokenized); they become model inputs exactly as the trainer made them
+            (`data.prepare_rows` with the run's recorded `RowProcessing`). Other columns are ignored.
         preconditioner: "none" (plain gradients), "adam" (bias-corrected AdamW update, ε outside the root)
             or "adam_reference" (the LESS reference `m'/sqrt(v'+1e-8)`).
         k: projection dimension; `None` for exact features (every trainable parameter, no projection).
         seed, kind, dtype: the projector (`ProjectorSpec`); features of different specs are never mixed.
         steps: snapshot steps (default: all).
-        batch_size, max_length, padding_side: batching and truncation (results do not depend on padding).
+        batch_size, padding_side: batching (results do not depend on padding).
+        max_length: truncation; default (None) the recorded trainer's own.
         model, tokenizer: overrides; by default both are rebuilt from the store with `from_pretrained`.
-            An override is used in place: it is put in eval mode, loses gradient checkpointing, and
-            takes each snapshot's weights. The cache does not key on it (frozen weights must match the run).
-        device: default CUDA when available, else CPU.
+            A model passed in is handed back as it came (weights, train/eval mode, activation
+            checkpointing), though it takes each snapshot's weights meanwhile. The cache does not key on
+            it (its frozen weights must match the run).
+        data_collator: the recorded run's collator, when it was one the store cannot rebuild (a custom one).
+        device: default the model's device when `model` is given, else CUDA when available, else CPU.
         shard: `(index, num_shards)` to compute one shard (for several processes); the call that
             finishes the last shard merges. Returns None while shards are missing.
 
@@ -481,51 +497,65 @@ def gradient_features(
     if unknown:
         raise StoreError(f"no snapshot at step(s) {unknown}; the run has snapshots at {available}.")
     tokenizer = load_tokenizer(store, tokenizer)
-    rows = tokenize_rows(dataset, tokenizer, max_length)
+    processing = load_processing(store.path)
+    if max_length is not None:
+        processing = processing.replace(max_length=max_length)
+    rows = prepare_rows(dataset, tokenizer, processing)
+    collate = make_collator(processing, tokenizer, data_collator)
     key = dataset_key(rows)
     shard = shard or (0, 1)
-    featurizer: Featurizer | None = None
     results: list[FeatureSet] = []
     finished = True
-    for step in steps:
-        snapshot = load_snapshot(store, step)
-        spec = ProjectorSpec.create(snapshot.param_shapes, k, seed=seed, kind=kind if k else "identity", dtype=dtype)
-        folder = store.path / FEATURES_DIR / key / f"step-{step:06d}" / f"{preconditioner}-{spec.spec_id}"
-        meta_path = folder / "meta.json"
-        if not (meta_path.exists() and json.loads(meta_path.read_text()).get("complete")):
-            if featurizer is None:
-                base = load_model(store, model)
-                dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-                featurizer = Featurizer(base, spec, dev)
-            elif featurizer.spec != spec:
-                featurizer.projector = Projector(spec, featurizer.device)
-                featurizer.spec = spec
-            featurizer.set_snapshot(snapshot, preconditioner)
-            meta = {
-                "spec": spec.to_dict(),
-                "step": step,
-                "lr": snapshot.lr,
-                "lr_mean": snapshot.lr_mean,
-                "preconditioner": preconditioner,
-                "dataset_key": key,
-                "max_length": max_length,
-                "padding_side": padding_side,
-            }
-            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-            stats = featurize_rows(
-                featurizer, rows, folder, meta, batch_size=batch_size, pad_token_id=pad,
-                padding_side=padding_side, shard=shard, progress=progress,
-            )  # fmt: skip
-            if not stats["merged"]:
-                finished = False
-                continue
-        results.append(FeatureSet.open(folder))
+    snapshot_params = {n for e in read_snapshot_index(store) for n in e["param_names"]}
+    # a model passed in takes snapshot weights while we work; it comes back exactly as it was
+    with plain_forward(model, keep_weights=snapshot_params) if model is not None else nullcontext():
+        featurizer: Featurizer | None = None
+        for step in steps:
+            snapshot = load_snapshot(store, step)
+            kind_k = kind if k else "identity"
+            spec = ProjectorSpec.create(snapshot.param_shapes, k, seed=seed, kind=kind_k, dtype=dtype)
+            folder = store.path / FEATURES_DIR / key / f"step-{step:06d}" / f"{preconditioner}-{spec.spec_id}"
+            meta_path = folder / "meta.json"
+            if not (meta_path.exists() and json.loads(meta_path.read_text()).get("complete")):
+                if featurizer is None:
+                    featurizer = Featurizer(load_model(store, model), spec, _device_for(model, device))
+                elif featurizer.spec != spec:
+                    featurizer.projector = Projector(spec, featurizer.device)
+                    featurizer.spec = spec
+                featurizer.set_snapshot(snapshot, preconditioner)
+                meta = {
+                    "spec": spec.to_dict(),
+                    "step": step,
+                    "lr": snapshot.lr,
+                    "lr_mean": snapshot.lr_mean,
+                    "preconditioner": preconditioner,
+                    "dataset_key": key,
+                    "processing": processing.to_dict(),
+                    "padding_side": padding_side,
+                }
+                stats = featurize_rows(
+                    featurizer, rows, folder, meta, collate=collate, batch_size=batch_size,
+                    padding_side=padding_side, shard=shard, progress=progress,
+                )  # fmt: skip
+                if not stats["merged"]:
+                    finished = False
+                    continue
+            results.append(FeatureSet.open(folder))
     if not finished:
         return None
     total = sum(r.lr_mean for r in results)
     for r in results:
         r.weight = r.lr_mean / total if total > 0 else 1.0 / len(results)
     return results
+
+
+def _device_for(model: torch.nn.Module | None, device: str | torch.device | None) -> torch.device:
+    """`device`; else a model's own device (a user's model is never moved); else CUDA when available."""
+    if device is not None:
+        return torch.device(device)
+    if model is not None:
+        return next(model.parameters()).device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def check_same_space(*feature_sets: FeatureSet) -> None:

@@ -678,7 +678,7 @@ def select_g2is(
     adam_form: Literal["adam", "adam_reference"] = "adam",
     steps: Sequence[int] | None = None,
     batch_size: int = 16,
-    max_length: int | None = 1024,
+    max_length: int | None = None,
     model=None,
     tokenizer=None,
 ) -> Selection:

@@ -90,7 +90,7 @@ def select_less(
     feature_dtype: Literal["float16", "float32"] = "float16",
     steps: Sequence[int] | None = None,
     batch_size: int = 16,
-    max_length: int | None = 1024,
+    max_length: int | None = None,
     model=None,
     tokenizer=None,
 ) -> Selection:
@@ -103,7 +103,7 @@ def select_less(
         feature_dtype: storage dtype of the unit-normalized features.
         adam_form: "adam" (bias-corrected, ε outside the root) or "adam_reference" (LESS code's form).
         steps: snapshot steps to use (default: all snapshots of the run).
-        batch_size, max_length: featurization batching and truncation.
+        batch_size, max_length: featurization batching and truncation (default: the recorded trainer's).
         model, tokenizer: overrides of the model/tokenizer rebuilt from the store.
 
     Features are computed when missing and cached in the store, so a second call is cheap.

@@ -14,7 +14,15 @@ from transformers import Trainer, TrainerCallback
 from ..rows import ROW_HASH, ROW_ID
 from ..store import RunStore
 from .per_sample_loss import per_sample_loss
-from .trainer_hooks import calling_trainer, gather_to_main, is_main_process, keep_row_ids, wait_for_everyone
+from .trainer_hooks import (
+    ROW_LABELS,
+    calling_trainer,
+    gather_to_main,
+    is_main_process,
+    keep_row_ids,
+    record_processing,
+    wait_for_everyone,
+)
 
 _EMPTY = {
     "row_id": np.zeros(0, np.int64),
@@ -57,6 +65,7 @@ class LossRecorderCallback(TrainerCallback):
         self.store: RunStore | None = None
         self._state = None
         self._pending_rows: torch.Tensor | None = None
+        self._pending_labels: torch.Tensor | None = None
         self._rows, self._steps, self._epochs, self._losses = [], [], [], []
         self._previous = dict(_EMPTY)
         self._sweeps: dict[int, dict[str, np.ndarray]] = {}
@@ -90,15 +99,21 @@ class LossRecorderCallback(TrainerCallback):
 
     def _take_row_ids(self, module, args, kwargs):
         row_ids = kwargs.pop(ROW_ID, None)
+        labels = kwargs.pop(ROW_LABELS, None)
         if row_ids is not None:
-            self._pending_rows = row_ids
+            self._pending_rows, self._pending_labels = row_ids, labels
         return args, kwargs
 
     def _record(self, module, args, kwargs, outputs):
         if not module.training or self._pending_rows is None:
             return
         row_ids, self._pending_rows = self._pending_rows, None
-        loss = per_sample_loss(outputs, labels=kwargs.get("labels"), shift_labels=kwargs.get("shift_labels"))
+        labels = kwargs.get("labels")
+        if labels is None and kwargs.get("shift_labels") is None:
+            labels = self._pending_labels  # popped by the trainer (label smoothing, compute_loss_func)
+        self._pending_labels = None
+        # the plain mean cross-entropy over label tokens, whatever loss the trainer optimizes
+        loss = per_sample_loss(outputs, labels=labels, shift_labels=kwargs.get("shift_labels"))
         # kept on the device until a flush: no host sync on the training step
         self._rows.append(row_ids.detach())
         self._steps.append(torch.full_like(self._rows[-1], self._state.global_step))
@@ -124,6 +139,7 @@ class LossRecorderCallback(TrainerCallback):
                 for i, step in enumerate(sweep["steps"].tolist()):
                     if step <= state.global_step:
                         self._sweeps[step] = {"row_id": sweep["row_id"], "loss": sweep["loss"][i]}
+        record_processing(self.trainer)
         if is_main_process():
             dataset = self.trainer.train_dataset
             self.store.save_arrays(
@@ -170,6 +186,7 @@ class LossRecorderCallback(TrainerCallback):
                 loader, desc=f"loss sweep @ step {step}", disable=not is_main_process() or trainer.args.disable_tqdm
             ):
                 row_ids = batch.pop(ROW_ID)
+                batch.pop(ROW_LABELS, None)
                 batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 outputs = model(**batch)
                 rows.append(row_ids.cpu())

@@ -27,7 +27,7 @@ from transformers import TrainerCallback
 from transformers.utils import logging
 
 from ..store import RunStore, write_json
-from .trainer_hooks import is_main_process
+from .trainer_hooks import calling_trainer, is_main_process, record_processing
 
 SNAPSHOT_DIR = "snapshots"
 INDEX_FILE = "index.json"
@@ -91,6 +91,9 @@ class SnapshotCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.store = RunStore.for_output_dir(args.output_dir)
         self._lr_sum, self._lr_count = 0.0, 0
+        trainer = calling_trainer()  # Trainer.train runs this event; later passes tokenize the way it does
+        if trainer is not None:
+            record_processing(trainer)
         if self.steps is None and str(getattr(args, "save_strategy", "")).lower().endswith("no"):
             logger.warning(
                 "SnapshotCallback takes snapshots at checkpoint saves, but save_strategy='no': no snapshot will be "

@@ -18,6 +18,8 @@ from transformers import Trainer
 
 from ..rows import ROW_COLUMNS, ROW_ID
 
+ROW_LABELS = "datasel_labels"  # the batch's labels again: the trainer pops "labels" under label smoothing
+
 
 def calling_trainer() -> Trainer | None:
     """The Trainer whose `__init__` is running the current callback event, if any.
@@ -49,6 +51,10 @@ class RowIdCollator:
         row_ids = torch.tensor([int(ex[ROW_ID]) for ex in examples], dtype=torch.long)
         batch = self.inner([{k: v for k, v in ex.items() if k not in ROW_COLUMNS} for ex in examples])
         batch[ROW_ID] = row_ids
+        if "labels" in batch:
+            # Trainer pops "labels" before the forward when label smoothing or compute_loss_func is on;
+            # the recorder still needs them for the plain per-sample cross-entropy (same tensor, no copy).
+            batch[ROW_LABELS] = batch["labels"]
         return batch
 
     def __getattr__(self, name: str) -> Any:
@@ -80,6 +86,15 @@ def keep_row_ids(trainer: Trainer, who: str) -> None:
             trainer._signature_columns = [*trainer._signature_columns, ROW_ID]
     if not isinstance(trainer.data_collator, RowIdCollator):
         trainer.data_collator = RowIdCollator(trainer.data_collator)
+
+
+def record_processing(trainer: Trainer) -> None:
+    """Write how `trainer` turns raw rows into inputs into its run store (main process), for later passes."""
+    from ..data import RowProcessing, save_processing
+    from ..store import RunStore
+
+    if is_main_process():
+        save_processing(RunStore.for_output_dir(trainer.args.output_dir).path, RowProcessing.from_trainer(trainer))
 
 
 def gather_to_main(obj: Any) -> list[Any] | None:

@@ -1,6 +1,6 @@
 """The embedded default: synthetic tasks, local tokenizers and tiny Llamas (no downloads)."""
 
-from .models import LARGE, PROXY, TinyLlamaSpec, build_model, build_tokenizer, save_and_reload
+from .models import LARGE, PROXY, TinyLlamaSpec, build_chat_tokenizer, build_model, build_tokenizer, save_and_reload
 from .tasks import TASKS, make_pool
 from .training import tiny_sft_config
 
@@ -10,6 +10,7 @@ __all__ = [
     "TASKS",
     "TinyLlamaSpec",
     "build_model",
+    "build_chat_tokenizer",
     "build_tokenizer",
     "make_pool",
     "save_and_reload",

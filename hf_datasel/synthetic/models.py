@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from .tasks import corpus
@@ -38,6 +38,31 @@ def build_tokenizer(vocab_size: int | None = None, seed: int = 0) -> PreTrainedT
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+
+
+# A ChatML-like template with `{% generation %}` markers, so `assistant_only_loss` works as on Hub models.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}<|assistant|>{% generation %}{{ message['content'] }}{{ eos_token }}"
+    "{% endgeneration %}{% else %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def build_chat_tokenizer(vocab_size: int | None = None, seed: int = 0) -> PreTrainedTokenizerFast:
+    """`build_tokenizer` as Hub chat models have it: a post-processor that adds BOS, and a chat template.
+
+    Users' tokenizers (Llama, Mistral, Gemma) add BOS when called with special tokens, as TRL calls
+    them; this is the tokenizer tests use to check that every pass sees what the trainer trained on.
+    """
+    tok = build_tokenizer(vocab_size, seed)
+    tok.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]})
+    bos = SPECIAL_TOKENS["bos_token"]
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.bos_token_id)]
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
 
 
 @dataclass(frozen=True)
