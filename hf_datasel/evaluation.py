@@ -1,4 +1,10 @@
-"""Held-out evaluation used by the demo and the benchmarks: loss and exact match per task."""
+"""Held-out evaluation used by the demo and the benchmarks: loss and exact match per task.
+
+Exact match is scored by the `evaluate` metric that ships with the package
+(`evaluate.load(hf_datasel.metrics.EXACT_MATCH)`), so a user's own eval loop that feeds it the
+same generations gets the same numbers. What `evaluate` cannot do lives here: greedy generation
+of the answers, and the per-row completion loss.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import torch
 from datasets import Dataset
 
 from .data import iter_batches, tokenize_rows
+from .metrics import load_exact_match
 from .record.per_sample_loss import per_sample_loss
 
 
@@ -28,11 +35,11 @@ def per_row_loss(
 
 
 @torch.no_grad()
-def exact_match(model, tokenizer, dataset: Dataset, batch_size: int = 64) -> np.ndarray:
-    """1.0 where greedy decoding after the prompt reproduces the completion exactly, else 0.0."""
+def generate_answers(model, tokenizer, dataset: Dataset, batch_size: int = 64) -> list[str]:
+    """Greedy decoding after each row's `prompt`, up to EOS or one token more than its `completion` needs."""
     model.eval()
     prompts, answers = list(dataset["prompt"]), list(dataset["completion"])
-    hits = np.zeros(len(prompts))
+    out: list[str] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in chunk]
@@ -50,23 +57,27 @@ def exact_match(model, tokenizer, dataset: Dataset, batch_size: int = 64) -> np.
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )[:, width:]
-        for i, row in enumerate(generated.tolist()):
+        for row in generated.tolist():
             if tokenizer.eos_token_id in row:
                 row = row[: row.index(tokenizer.eos_token_id)]
-            hits[start + i] = float(tokenizer.decode(row, skip_special_tokens=True) == answers[start + i])
-    return hits
+            out.append(tokenizer.decode(row, skip_special_tokens=True))
+    return out
 
 
 def evaluate_by_task(model, tokenizer, dataset: Dataset) -> dict[str, dict[str, float]]:
     """{task: {"loss": mean loss, "exact_match": mean exact match, "rows": n}} plus an "all" entry."""
     losses = per_row_loss(model, tokenizer, dataset)
-    hits = exact_match(model, tokenizer, dataset)
-    tasks = list(dataset["task"])
+    tasks = [str(t) for t in dataset["task"]]
+    scores = load_exact_match().compute(
+        predictions=generate_answers(model, tokenizer, dataset), references=list(dataset["completion"]), groups=tasks
+    )
     groups = defaultdict(list)
     for i, task in enumerate(tasks):
         groups[task].append(i)
-    groups["all"] = list(range(len(tasks)))
-    return {
-        task: {"loss": float(np.mean(losses[idx])), "exact_match": float(np.mean(hits[idx])), "rows": len(idx)}
+    by_task = scores["exact_match_by_group"]
+    out = {
+        task: {"loss": float(np.mean(losses[idx])), "exact_match": by_task[task], "rows": len(idx)}
         for task, idx in groups.items()
     }
+    out["all"] = {"loss": float(np.mean(losses)), "exact_match": scores["exact_match"], "rows": len(tasks)}
+    return out
