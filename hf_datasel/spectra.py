@@ -12,6 +12,12 @@ QR), `G = Q_d (R_d R_xᵀ) Q_xᵀ`, and the singular values of G are those of th
 output-gradients are captured with hooks, so the weight itself need not require grad (frozen
 base weights under a LoRA adapter work the same as a full model), and one backward pass over a
 padded batch gives every row's factors at once (rows never interact in a causal LM).
+
+`q`, `k`, `v`, `o` are the same four matrices on every family. Where q, k and v are row blocks of
+one fused weight (GPT-2 `c_attn`, GPT-NeoX and Falcon `query_key_value`, Phi-3 `qkv_proj`), a
+block's gradient is `G_q = Σ_t δ_t[q] x_tᵀ`: the same factoring with Δ cut to the block's rows,
+laid out as each family's modeling code splits them (`qkv_rows`). GPT-2's `Conv1D` (weight stored
+(in, out)) is read through the same hooks. The model is handed back exactly as it came.
 """
 
 from __future__ import annotations
@@ -21,15 +27,17 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .data import iter_batches, tokenize_rows
+from .model_state import plain_forward
 from .record.per_sample_loss import IGNORE_INDEX
 from .rows import ROW_COLUMNS, row_hashes
 from .store import RunStore, StoreError
@@ -45,7 +53,6 @@ QUALITY_DIRECTION = {
 }
 """Which end of each metric the paper associates with higher-quality data."""
 
-PROJECTION_ALIASES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
 STORE_NAME = "spectra"
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)(?:\.|$)")
 _PEFT_PREFIX = "base_model.model."
@@ -108,6 +115,81 @@ def spectral_metrics(sigma: torch.Tensor | np.ndarray) -> dict[str, np.ndarray]:
 
 
 # -- which weight matrices -------------------------------------------------------------------------------------------
+PROJECTION_ALIASES: dict[str, tuple[str, ...]] = {
+    "q": ("q_proj",),
+    "k": ("k_proj",),
+    "v": ("v_proj",),
+    "o": ("o_proj", "self_attn.out_proj", "attention.dense", "self_attention.dense", "attn.c_proj"),
+}
+"""Module-name endings of the attention projections stored as their own weight: `o` is `o_proj` (Llama,
+Phi-3, ...), `out_proj` (OPT), `dense` (GPT-NeoX `attention.dense`, Falcon `self_attention.dense`) or
+`attn.c_proj` (GPT-2, whose MLP has a `c_proj` too). Fused q/k/v weights are in `FUSED_QKV`."""
+
+FUSED_QKV: dict[str, str] = {
+    "gpt2": "attn.c_attn",
+    "gpt_neox": "attention.query_key_value",
+    "phi3": "self_attn.qkv_proj",
+    "falcon": "self_attention.query_key_value",
+}
+"""Per `model_type`, the module-name ending of the weight that holds q, k and v as row blocks (see `qkv_rows`)."""
+
+_FUSED_QKV_NAMES = ("c_attn", "query_key_value", "qkv_proj", "Wqkv", "qkv", "W_pack")
+"""Last name parts that usually mean a fused q/k/v weight: named in the error for a model type of unknown layout."""
+
+
+def _blocks(groups: int, chunks: Sequence[tuple[str, int]]) -> dict[str, torch.Tensor]:
+    """Output rows of each label when the weight repeats `chunks` ((label, rows) in order) `groups` times."""
+    rows: dict[str, list[torch.Tensor]] = {label: [] for label, _ in chunks}
+    start = 0
+    for _ in range(groups):
+        for label, size in chunks:
+            rows[label].append(torch.arange(start, start + size))
+            start += size
+    return {label: torch.cat(parts) for label, parts in rows.items()}
+
+
+def qkv_rows(config) -> dict[str, torch.Tensor]:
+    """Which output rows of a fused q/k/v weight are q, k and v, as the family's modeling code splits them.
+
+    The gradient of the q block is `Σ_t δ_t[q] x_tᵀ`: the q rows of the fused weight's gradient.
+    "Rows" are output features (columns of a GPT-2 `Conv1D` weight, which is stored (in, out)).
+    Layouts (transformers 5, `models/<family>/modeling_<family>.py`):
+
+    * gpt2 — `GPT2Attention.forward`: `self.c_attn(hidden_states).split(self.split_size, dim=2)`,
+      `split_size = embed_dim`: `[q | k | v]`.
+    * gpt_neox — `GPTNeoXAttention.forward`: `qkv.view(*input_shape, -1, 3 * self.head_size)` then
+      `qkv.chunk(3, dim=-1)`: per head `[q_h | k_h | v_h]`.
+    * phi3 — `Phi3Attention.forward`: `qkv[..., :query_pos]`, then `num_key_value_heads * head_dim`
+      for k, the rest v (`query_pos = num_attention_heads * head_dim`): `[q | k | v]` with GQA sizes.
+    * falcon — `FalconAttention._split_heads`: with `new_decoder_architecture`,
+      `view(batch, seq_len, -1, num_heads // num_kv_heads + 2, head_dim)`, q = `[:, :, :, :-2]`,
+      k = `[-2]`, v = `[-1]`: per kv group `[q_1 … q_g | k | v]`; without it and without
+      `multi_query`, `view(..., num_heads, 3, head_dim)`: per head `[q_h | k_h | v_h]`; with
+      `multi_query`, `view(..., num_heads + 2, head_dim)`: `[q | k | v]` with one k and one v head.
+    """
+    family = getattr(config, "model_type", None)
+    heads = config.num_attention_heads
+    if family == "gpt2":
+        d = config.hidden_size
+        return _blocks(1, [("q", d), ("k", d), ("v", d)])
+    if family == "gpt_neox":
+        head = config.hidden_size // heads
+        return _blocks(heads, [("q", head), ("k", head), ("v", head)])
+    if family == "phi3":
+        head = getattr(config, "head_dim", config.hidden_size // heads)
+        kv = config.num_key_value_heads * head
+        return _blocks(1, [("q", heads * head), ("k", kv), ("v", kv)])
+    if family == "falcon":
+        head = config.hidden_size // heads
+        if config.new_decoder_architecture:
+            per_group = heads // config.num_kv_heads
+            return _blocks(config.num_kv_heads, [("q", per_group * head), ("k", head), ("v", head)])
+        if not config.multi_query:
+            return _blocks(heads, [("q", head), ("k", head), ("v", head)])
+        return _blocks(1, [("q", heads * head), ("k", head), ("v", head)])
+    raise ValueError(f"the q/k/v layout of a fused weight of model type {family!r} is not known")
+
+
 @dataclass(frozen=True)
 class Target:
     """One weight matrix whose per-sample gradient spectrum is measured."""
@@ -115,6 +197,19 @@ class Target:
     name: str  # canonical module name (PEFT prefix and `.base_layer` removed)
     layer: int  # transformer block index, -1 when the name has none
     projection: str  # the label the user asked for ("q", "gate_proj", ...) or the module's last name part
+    block: str | None = None  # "q", "k" or "v": that row block of a fused q/k/v weight; None: the whole weight
+
+
+class Matrix(NamedTuple):
+    """A measured matrix: its `Target`, the module whose input and output the hooks read, and, for a
+    block of a fused weight, the output rows that make it up (`None`: every row)."""
+
+    target: Target
+    module: nn.Module
+    rows: torch.Tensor | None = None
+
+
+_WEIGHT_MODULES = (nn.Linear, Conv1D)
 
 
 def _canonical(name: str) -> str:
@@ -122,57 +217,113 @@ def _canonical(name: str) -> str:
     return name[len(_PEFT_PREFIX) :] if name.startswith(_PEFT_PREFIX) else name
 
 
+def _layer_of(name: str) -> int:
+    match = _LAYER_RE.search(name)
+    return int(match.group(1)) if match else -1
+
+
+def _ends_with(name: str, suffix: str) -> bool:
+    """Whether `name` ends with the whole dotted parts of `suffix` (`attention.dense` is no `self_attention.dense`)."""
+    return name == suffix or name.endswith("." + suffix)
+
+
+def _out_features(module: nn.Module) -> int:
+    return module.nf if isinstance(module, Conv1D) else module.out_features
+
+
+def _model_config(model: nn.Module):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, "config", None)
+
+
 def find_targets(
     model: nn.Module,
     layers: Literal["all"] | int | Sequence[int] = "all",
     projections: Sequence[str] = ("q", "k", "v", "o"),
     modules: Sequence[str] | None = None,
-) -> list[tuple[Target, nn.Linear]]:
-    """The `nn.Linear` modules to measure, in (layer, projection) order.
+) -> list[Matrix]:
+    """The weight matrices to measure, in (layer, projection) order: exactly one per requested layer and projection.
 
-    `projections` are name suffixes inside numbered blocks (`q` is short for `q_proj`, any other
-    suffix such as `mlp.down_proj` works); `modules` instead names linear layers exactly. Under a
-    PEFT model the frozen `base_layer` of a LoRA-wrapped layer is used.
+    `q`, `k`, `v`, `o` mean the attention projections on every family: a separate `q_proj`, or the
+    q row block of a fused weight (GPT-2 `c_attn`, GPT-NeoX/Falcon `query_key_value`, Phi-3
+    `qkv_proj`; see `qkv_rows`), and `o_proj`/`out_proj`/`dense`/`attn.c_proj` for `o`. Any other
+    label is a module-name ending (`mlp.down_proj`, or `c_attn` to measure a fused weight whole).
+    A label that matches nothing, or more than one matrix, in some requested layer is an error:
+    a spectrum table never silently lacks a layer or mixes two matrices under one key.
+    `modules` instead names linear layers exactly. Linear and GPT-2 `Conv1D` layers qualify;
+    under a PEFT model the frozen `base_layer` of a LoRA-wrapped layer is used.
     """
-    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    found: list[tuple[Target, nn.Linear]] = []
+    weights = [(_canonical(n), m) for n, m in model.named_modules() if isinstance(m, _WEIGHT_MODULES)]
     if modules is not None:
         if isinstance(modules, str) or not modules:
             raise ValueError("modules must be a non-empty list of linear layer names")
-        by_name = {_canonical(n): m for n, m in linears}
+        by_name = dict(weights)
         missing = [n for n in modules if n not in by_name]
         if missing:
             raise ValueError(f"no linear layer named {missing}; linear layers include {sorted(by_name)[:8]}")
-        for n in modules:
-            match = _LAYER_RE.search(n)
-            found.append((Target(n, int(match.group(1)) if match else -1, n.rsplit(".", 1)[-1]), by_name[n]))
-        return found
-    if isinstance(layers, int):
-        layers = [layers]
-    wanted_layers = None if layers == "all" else {int(i) for i in layers}
+        return [Matrix(Target(n, _layer_of(n), n.rsplit(".", 1)[-1]), by_name[n]) for n in modules]
     if isinstance(projections, str):
         projections = (projections,)
+    if not projections:
+        raise ValueError("projections must name at least one matrix, e.g. ('q', 'k', 'v', 'o')")
+    present = sorted({_layer_of(n) for n, _ in weights} - {-1})
+    if not present:
+        raise ValueError("no linear layer sits in a numbered block (layers.N, h.N, ...); name them with modules=[...]")
+    if isinstance(layers, int):
+        layers = [layers]
+    wanted = present if layers == "all" else sorted({int(i) for i in layers})
+    if set(wanted) - set(present):
+        raise ValueError(f"layers {sorted(set(wanted) - set(present))} do not exist; the model has {present}")
+    config = _model_config(model)
+    fused_suffix = FUSED_QKV.get(getattr(config, "model_type", None))
+    fused_rows = qkv_rows(config) if fused_suffix is not None else {}
+    found: list[Matrix] = []
     for label in projections:
-        suffix = "." + PROJECTION_ALIASES.get(label, label)
-        for name, m in linears:
-            canon = _canonical(name)
-            match = _LAYER_RE.search(canon)
-            if match is None or not canon.endswith(suffix):
+        per_layer: dict[int, list[Matrix]] = {layer: [] for layer in wanted}
+        for name, module in weights:
+            layer = _layer_of(name)
+            if layer not in per_layer:
                 continue
-            found.append((Target(canon, int(match.group(1)), label), m))
-    if not found:
-        sample = sorted({_canonical(n) for n, _ in linears})[:8]
+            if label in fused_rows and _ends_with(name, fused_suffix):
+                width = sum(len(r) for r in fused_rows.values())
+                if width != _out_features(module):
+                    raise ValueError(
+                        f"{name} has {_out_features(module)} outputs, but the {config.model_type} q/k/v layout of "
+                        f"its config has {width}"
+                    )
+                per_layer[layer].append(Matrix(Target(name, layer, label, block=label), module, fused_rows[label]))
+            elif any(_ends_with(name, suffix) for suffix in PROJECTION_ALIASES.get(label, (label,))):
+                per_layer[layer].append(Matrix(Target(name, layer, label), module))
+        _check_one_per_layer(label, per_layer, weights, config)
+        found.extend(m for matches in per_layer.values() for m in matches)
+    order = {label: i for i, label in enumerate(projections)}
+    return sorted(found, key=lambda m: (m.target.layer, order[m.target.projection]))
+
+
+def _check_one_per_layer(label: str, per_layer: dict[int, list[Matrix]], weights, config) -> None:
+    """Raise unless `label` matched exactly one matrix in every requested layer (saying what it did match)."""
+    missing = [layer for layer, matches in per_layer.items() if not matches]
+    if missing:
+        names = sorted({n for n, _ in weights if _layer_of(n) == missing[0]})
+        hint = "Pass modules=[...] to name matrices exactly."
+        fused = [n for n in names if n.rsplit(".", 1)[-1] in _FUSED_QKV_NAMES]
+        if label in ("q", "k", "v") and fused:
+            family = getattr(config, "model_type", None)
+            hint = (
+                f"{fused[0]} looks like a fused q/k/v weight, but its layout for model type {family!r} is not "
+                f"known; measure it whole with projections=({fused[0].rsplit('.', 1)[-1]!r},) or modules=[...]."
+            )
         raise ValueError(
-            f"no linear layer matches projections={tuple(projections)!r}; "
-            f"linear layers include {sample}. Pass modules=[...] to name them exactly."
+            f"projection {label!r} matches no linear layer in layers {missing} "
+            f"(layer {missing[0]} has {names}). {hint}"
         )
-    if wanted_layers is not None:
-        present = {t.layer for t, _ in found}
-        if wanted_layers - present:
-            raise ValueError(f"layers {sorted(wanted_layers - present)} do not exist; the model has {sorted(present)}")
-        found = [(t, m) for t, m in found if t.layer in wanted_layers]
-    order = sorted(range(len(found)), key=lambda i: (found[i][0].layer, projections.index(found[i][0].projection)))
-    return [found[i] for i in order]
+    several = {layer: [m.target.name for m in matches] for layer, matches in per_layer.items() if len(matches) > 1}
+    if several:
+        layer, names = next(iter(several.items()))
+        raise ValueError(
+            f"projection {label!r} matches {len(names)} linear layers in layer {layer}: {names}; "
+            "use a longer name ending or modules=[...]."
+        )
 
 
 # -- the result ------------------------------------------------------------------------------------------------------
@@ -414,55 +565,75 @@ def _scalar_columns(dataset: Dataset):
 
 # -- computing -------------------------------------------------------------------------------------------------------
 class _Capture:
-    """Hooks that turn one forward/backward of a padded batch into every row's spectra for every target."""
+    """Hooks that turn one forward/backward of a padded batch into every row's spectra for every matrix.
 
-    def __init__(self, targets: list[tuple[Target, nn.Linear]], dtype: torch.dtype):
-        self.targets, self.dtype = targets, dtype
+    One forward hook per module: a fused q/k/v weight's input is factored once, and its output
+    gradient is split into the q, k and v rows of each block (`δ_t[q]`) before the core SVD.
+    """
+
+    def __init__(self, matrices: list[Matrix], dtype: torch.dtype):
+        self.matrices, self.dtype = matrices, dtype
         self.mask: torch.Tensor | None = None
         self.r_inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.calls: list[int] = []
+        self.calls: dict[int, int] = {}
         self.sigma: list[torch.Tensor | None] = []
-        self.handles = [m.register_forward_hook(self._forward_hook(j)) for j, (_, m) in enumerate(targets)]
+        by_module: dict[int, list[int]] = {}
+        for j, matrix in enumerate(matrices):
+            by_module.setdefault(id(matrix.module), []).append(j)
+        self.handles = [
+            matrices[js[0]].module.register_forward_hook(self._forward_hook(js)) for js in by_module.values()
+        ]
 
     def start(self, mask: torch.Tensor) -> None:
         self.mask = mask.to(torch.bool).unsqueeze(-1)
         self.r_inputs.clear()
-        self.calls = [0] * len(self.targets)
-        self.sigma = [None] * len(self.targets)
+        self.calls = {}
+        self.sigma = [None] * len(self.matrices)
 
     def _masked(self, a: torch.Tensor) -> torch.Tensor:
         return torch.where(self.mask, a, torch.zeros((), dtype=a.dtype, device=a.device))
 
-    def _forward_hook(self, j: int):
+    def _per_token(self, a: torch.Tensor, name: str) -> torch.Tensor:
+        """`a` as (batch, tokens, features); also for a module that sees it flattened to (batch·tokens, features)."""
+        batch, tokens = self.mask.shape[:2]
+        if a.dim() == 3 and a.shape[:2] == (batch, tokens):
+            return a
+        if a.dim() == 2 and a.shape[0] == batch * tokens:
+            return a.reshape(batch, tokens, a.shape[1])
+        raise NotImplementedError(f"{name} sees a tensor of shape {tuple(a.shape)}, not (batch, tokens, features)")
+
+    def _forward_hook(self, js: list[int]):
+        name = self.matrices[js[0]].target.name
+
         def hook(module, args, output):
             if self.mask is None:
                 return
-            self.calls[j] += 1
-            if self.calls[j] > 1:
+            self.calls[js[0]] = self.calls.get(js[0], 0) + 1
+            if self.calls[js[0]] > 1:
                 raise NotImplementedError(
-                    f"{self.targets[j][0].name} runs more than once per forward (shared weights); "
+                    f"{name} runs more than once per forward (shared weights); "
                     "its per-sample gradient is not a single Δᵀ X product."
                 )
             if not output.requires_grad:
-                raise RuntimeError(f"{self.targets[j][0].name}: its output does not require grad")
+                raise RuntimeError(f"{name}: its output does not require grad")
             x = args[0]
-            if x.dim() != 3 or x.shape[:2] != self.mask.shape[:2]:
-                raise NotImplementedError(
-                    f"{self.targets[j][0].name} sees input of shape {tuple(x.shape)}, not (batch, tokens, features)"
-                )
             with torch.no_grad():
                 cached = self.r_inputs.get(id(x))  # q, k and v read the same tensor: factor it once
                 if cached is None:
-                    cached = (x, _r_factor(self._masked(x.detach()), self.dtype))
+                    cached = (x, _r_factor(self._masked(self._per_token(x.detach(), name)), self.dtype))
                     self.r_inputs[id(x)] = cached
             r_input = cached[1]
-            output.register_hook(lambda g: self._on_grad(j, g, r_input))
+            output.register_hook(lambda g: self._on_grad(js, self._per_token(g, name), r_input))
 
         return hook
 
-    def _on_grad(self, j: int, grad: torch.Tensor, r_input: torch.Tensor) -> None:
+    def _on_grad(self, js: list[int], grad: torch.Tensor, r_input: torch.Tensor) -> None:
         with torch.no_grad():
-            self.sigma[j] = _core_singular_values(self._masked(grad), r_input, self.dtype)
+            grad = self._masked(grad)
+            for j in js:
+                rows = self.matrices[j].rows
+                delta = grad if rows is None else grad.index_select(-1, rows.to(grad.device))
+                self.sigma[j] = _core_singular_values(delta, r_input, self.dtype)
 
     def stop(self) -> None:
         self.mask = None
@@ -521,18 +692,21 @@ def gradient_spectra(
     gradient in `dtype` (float64 by default), one forward and one backward per batch; padding
     contributes nothing. With `store=` (a run's output_dir or a `RunStore`) the result is also
     written there, keyed by the dataset's row hashes, for the `spectral` selection method.
+
+    `projections=("q", "k", "v", "o")` measures the same four matrices on every family, fused q/k/v
+    weights split into their blocks (see `find_targets`). The model comes back as it came: the
+    passes run under `plain_forward` (eval mode, activation checkpointing off, both restored on
+    exit), no weight is written and no `.grad` is left behind.
     """
-    if any(getattr(mod, "gradient_checkpointing", False) is True for mod in model.modules()):
-        raise ValueError("gradient_spectra: disable gradient checkpointing first (its re-forward would re-run hooks)")
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"gradient_spectra: dtype must be torch.float64 or torch.float32, not {dtype}")
     rows = _tokenized(dataset, tokenizer, max_length)
     pad_id = getattr(tokenizer, "pad_token_id", None)
     if pad_id is None:
         pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
-    targets = find_targets(model, layers, projections, modules)
+    matrices = find_targets(model, layers, projections, modules)
     device = next(model.parameters()).device
-    n, m = len(rows), len(targets)
+    n, m = len(rows), len(matrices)
     metrics = {k: np.full((n, m), np.nan) for k in METRICS}
     loss = np.full(n, np.nan)
     num_tokens = np.zeros(n, np.int64)
@@ -547,54 +721,52 @@ def gradient_spectra(
         return out
 
     emb_handle = model.get_input_embeddings().register_forward_hook(embedding_hook)
-    capture = _Capture(targets, dtype)
-    was_training = model.training
-    model.eval()
+    capture = _Capture(matrices, dtype)
     batches = iter_batches(rows, batch_size, pad_id, padding_side)
     if progress:
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, total=(n + batch_size - 1) // batch_size, desc="gradient spectra")
     try:
-        for positions, batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            mask = batch["attention_mask"]
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # exact for left padding too
-            emb_out.clear()
-            capture.start(mask)
-            with torch.enable_grad():
-                out = model(
-                    input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids, use_cache=False
-                )
-                row_loss, count = _row_losses(out.logits, batch["labels"])
-                total = row_loss[count > 0].sum()
-                if bool((count > 0).any()):
-                    torch.autograd.grad(total, emb_out[-1])
-            capture.stop()
-            has = (count > 0).cpu().numpy()
-            pos = np.asarray(positions)
-            loss[pos[has]] = row_loss.detach().double().cpu().numpy()[has]
-            num_tokens[pos] = count.cpu().numpy()
-            lengths = mask.sum(-1).cpu().numpy()
-            kept = []
-            for j, sigma in enumerate(capture.sigma):
-                if sigma is None:  # no row of the batch has response tokens
-                    sigma = torch.zeros(len(pos), 0, dtype=torch.float64)
-                values = spectral_metrics(sigma.cpu())
-                for k in METRICS:
-                    metrics[k][pos[has], j] = values[k][has]
-                if keep_singular_values:  # rank <= the row's own length: drop the zeros padding adds
-                    values = sigma.cpu().numpy().astype(np.float32)
-                    values[np.arange(values.shape[1]) >= lengths[:, None]] = np.nan
-                    values[~has] = np.nan
-                    kept.append(values)
-            if keep_singular_values:
-                sigmas.append((positions, kept))
+        with plain_forward(model):  # eval, no checkpointing; mode and flags restored on exit
+            for positions, batch in batches:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                mask = batch["attention_mask"]
+                position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # exact for left padding too
+                emb_out.clear()
+                capture.start(mask)
+                with torch.enable_grad():
+                    out = model(
+                        input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids, use_cache=False
+                    )
+                    row_loss, count = _row_losses(out.logits, batch["labels"])
+                    total = row_loss[count > 0].sum()
+                    if bool((count > 0).any()):
+                        torch.autograd.grad(total, emb_out[-1])
+                capture.stop()
+                has = (count > 0).cpu().numpy()
+                pos = np.asarray(positions)
+                loss[pos[has]] = row_loss.detach().double().cpu().numpy()[has]
+                num_tokens[pos] = count.cpu().numpy()
+                lengths = mask.sum(-1).cpu().numpy()
+                kept = []
+                for j, sigma in enumerate(capture.sigma):
+                    if sigma is None:  # no row of the batch has response tokens
+                        sigma = torch.zeros(len(pos), 0, dtype=torch.float64)
+                    values = spectral_metrics(sigma.cpu())
+                    for k in METRICS:
+                        metrics[k][pos[has], j] = values[k][has]
+                    if keep_singular_values:  # rank <= the row's own length: drop the zeros padding adds
+                        values = sigma.cpu().numpy().astype(np.float32)
+                        values[np.arange(values.shape[1]) >= lengths[:, None]] = np.nan
+                        values[~has] = np.nan
+                        kept.append(values)
+                if keep_singular_values:
+                    sigmas.append((positions, kept))
     finally:
         capture.stop()
         capture.remove()
         emb_handle.remove()
-        model.train(was_training)
 
     singular_values = None
     if keep_singular_values:
@@ -606,7 +778,7 @@ def gradient_spectra(
     zero = int(np.sum(np.isnan(metrics["effective_rank"]) & np.isfinite(loss)[:, None]))
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     spectra = GradientSpectra(
-        targets=[t for t, _ in targets],
+        targets=[matrix.target for matrix in matrices],
         metrics=metrics,
         loss=loss,
         num_tokens=num_tokens,
@@ -615,6 +787,7 @@ def gradient_spectra(
         columns=_scalar_columns(dataset),
         info={
             "model": getattr(getattr(base, "config", None), "_name_or_path", None) or type(base).__name__,
+            "model_type": getattr(getattr(base, "config", None), "model_type", None),
             "peft": hasattr(model, "peft_config"),
             "dtype": str(dtype).removeprefix("torch."),
             "max_length": max_length,

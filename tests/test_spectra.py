@@ -143,12 +143,12 @@ def test_rows_without_response_tokens_are_nan_and_counted(tokenizer, tiny_model)
 
 
 def test_find_targets_errors(tiny_model):
-    with pytest.raises(ValueError, match="no linear layer matches"):
+    with pytest.raises(ValueError, match="'nope' matches no linear layer in layers \\[0, 1\\]"):
         find_targets(tiny_model, projections=("nope",))
     with pytest.raises(ValueError, match="do not exist"):
         find_targets(tiny_model, layers=[7])
-    ((target, _),) = find_targets(tiny_model, modules=["model.layers.1.mlp.up_proj"])
-    assert target == Target("model.layers.1.mlp.up_proj", 1, "up_proj")
+    (matrix,) = find_targets(tiny_model, modules=["model.layers.1.mlp.up_proj"])
+    assert matrix.target == Target("model.layers.1.mlp.up_proj", 1, "up_proj") and matrix.rows is None
 
 
 def _crafted(num_rows=6, hashes=None, columns=None) -> GradientSpectra:
@@ -273,6 +273,223 @@ def test_text_rows_existing_manifest_and_checks(tmp_path, tokenizer, tiny_model)
     assert GradientSpectra.load(tmp_path).targets == spectra.targets
     with pytest.raises(ValueError, match="dtype"):
         gradient_spectra(tiny_model, data, tokenizer, dtype=torch.float16)
-    tiny_model.gradient_checkpointing_enable()
-    with pytest.raises(ValueError, match="gradient checkpointing"):
-        gradient_spectra(tiny_model, data, tokenizer)
+
+
+# -- every family: fused q/k/v blocks, output projections, a model handed back as it came ----------------------------
+def _qkv_rows_from_modeling_code(family: str, config) -> dict[str, torch.Tensor]:
+    """q/k/v output rows of the fused weight, written the way each `modeling_<family>.py` splits its output.
+
+    Kept apart from `hf_datasel.spectra.qkv_rows` on purpose (views of an arange, as the modeling code
+    views the projection's output), so a wrong layout there cannot pass here.
+    """
+    heads = config.num_attention_heads
+    if family == "gpt2":  # GPT2Attention.forward: self.c_attn(hidden_states).split(self.split_size, dim=2)
+        qkv = torch.arange(3 * config.hidden_size).split(config.hidden_size)
+        return dict(zip("qkv", qkv))
+    if family == "gpt_neox":  # qkv.view(*input_shape, -1, 3 * self.head_size); qkv.chunk(3, dim=-1)
+        head = config.hidden_size // heads
+        per_head = torch.arange(3 * config.hidden_size).view(-1, 3 * head).chunk(3, dim=-1)
+        return {p: x.flatten() for p, x in zip("qkv", per_head)}
+    if family == "phi3":  # qkv[..., :query_pos], [query_pos : query_pos + kv * head_dim], the rest
+        head = config.hidden_size // heads
+        query_pos, kv = heads * head, config.num_key_value_heads * head
+        out = torch.arange(query_pos + 2 * kv)
+        return {"q": out[:query_pos], "k": out[query_pos : query_pos + kv], "v": out[query_pos + kv :]}
+    if family == "falcon":  # _split_heads, new_decoder_architecture: view(b, t, -1, heads // kv + 2, head_dim)
+        assert config.new_decoder_architecture
+        head, group = config.hidden_size // heads, heads // config.num_kv_heads
+        out = torch.arange((heads + 2 * config.num_kv_heads) * head).view(-1, group + 2, head)
+        return {"q": out[:, :-2].flatten(), "k": out[:, -2].flatten(), "v": out[:, -1].flatten()}
+    raise AssertionError(family)
+
+
+def _weight_module(model, name):
+    """The module holding `name`'s weight (under PEFT: `base_model.model.<name>[.base_layer]`)."""
+    modules = dict(model.named_modules())
+    for prefix in ("", "base_model.model."):
+        for suffix in (".base_layer", ""):
+            if prefix + name + suffix in modules:
+                return modules[prefix + name + suffix]
+    raise KeyError(name)
+
+
+def _autograd_block_sigmas(model, family, rows, targets):
+    """Per row: (svdvals of each target's block of `model(...).loss.backward()`'s weight gradient, the loss)."""
+    from transformers.pytorch_utils import Conv1D
+
+    blocks = _qkv_rows_from_modeling_code(family, model.config)
+    weights = [_weight_module(model, t.name) for t in targets]
+    flags = {id(m.weight): m.weight.requires_grad for m in weights}
+    for m in weights:
+        m.weight.requires_grad_(True)
+    try:
+        out = []
+        for r in rows:
+            for m in weights:
+                m.weight.grad = None
+            loss = model(input_ids=torch.tensor([r["input_ids"]]), labels=torch.tensor([r["labels"]])).loss
+            loss.backward()
+            sigmas = []
+            for t, m in zip(targets, weights):
+                grad = m.weight.grad.T if isinstance(m, Conv1D) else m.weight.grad  # (out, in)
+                grad = grad if t.block is None else grad[blocks[t.block]]
+                sigmas.append(torch.linalg.svdvals(grad.double()))
+            out.append((sigmas, loss.item()))
+        return out
+    finally:
+        for m in weights:
+            m.weight.grad = None
+            m.weight.requires_grad_(flags[id(m.weight)])
+
+
+FUSED_FAMILIES = ("gpt2", "gpt_neox", "phi3", "falcon")
+SIGMA_RTOL = 1e-4
+"""|σ_ours − σ_autograd| ≤ SIGMA_RTOL · σ_max. By Weyl's inequality |Δσ_i| ≤ ‖ΔG‖₂, and the two G are fp32
+computations of the same sum (a padded batch vs one row): a few hundred fp32 roundings (ε = 1.2e-7) of terms of
+size ≤ σ_max, so ‖ΔG‖₂ is of order 1e-5 σ_max; 1e-4 leaves a margin. Small σ get no relative bound (none exists)."""
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("family", FUSED_FAMILIES)
+def test_fused_qkv_blocks_match_autograd(tokenizer, rows6, family, lora):
+    from hf_datasel.synthetic.families import build_family_model, lora_targets
+
+    model = build_family_model(family, tokenizer).eval()
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=lora_targets(family), init_lora_weights=False)
+        model = get_peft_model(model, config)
+    data = rows6.select(range(4))
+    spectra = gradient_spectra(
+        model, data, tokenizer, batch_size=4, padding_side="left" if lora else "right", keep_singular_values=True
+    )
+    assert [(t.layer, t.projection, t.block) for t in spectra.targets] == [
+        (layer, p, p if p != "o" else None) for layer in (0, 1) for p in "qkvo"
+    ]
+    rows = tokenize_rows(data, tokenizer)
+    assert len({len(r["input_ids"]) for r in rows}) > 1  # the batch is padded
+    worst = 0.0
+    for i, (sigmas, loss) in enumerate(_autograd_block_sigmas(model, family, rows, spectra.targets)):
+        assert spectra.loss[i] == pytest.approx(loss, rel=1e-5)
+        for j, ref in enumerate(sigmas):
+            ours = torch.from_numpy(spectra.singular_values[i, j]).double()
+            ours = ours[~ours.isnan()]
+            k = len(ours)
+            assert 0 < k <= len(rows[i]["input_ids"])
+            err = max((ours - ref[:k]).abs().max().item(), ref[k:].max().item() if k < len(ref) else 0.0)
+            worst = max(worst, err / ref[0].item())
+    assert worst <= SIGMA_RTOL, f"max |Δσ| / σ_max = {worst:.1e}"
+
+
+def test_every_family_measures_qkvo_on_every_layer(tokenizer, rows6):
+    from hf_datasel.synthetic.families import FAMILIES, build_family_model
+
+    o_names = {"gpt2": "attn.c_proj", "gpt_neox": "attention.dense", "opt": "out_proj", "falcon": "attention.dense"}
+    keys = [(layer, p) for layer in (0, 1) for p in "qkvo"]
+    data = rows6.select(range(2))
+    for family in FAMILIES:
+        model = build_family_model(family, tokenizer).eval()
+        spectra = gradient_spectra(model, data, tokenizer, batch_size=2)
+        assert [(t.layer, t.projection) for t in spectra.targets] == keys, family
+        assert all(t.name.endswith(o_names.get(family, "o_proj")) for t in spectra.targets if t.projection == "o")
+        fused = family in FUSED_FAMILIES
+        assert all((t.block is not None) == fused for t in spectra.targets if t.projection != "o"), family
+        assert np.isfinite(spectra.metrics["effective_rank"]).all(), family
+        assert spectra.info["model_type"] == family
+
+
+def test_projection_missing_or_ambiguous_in_some_layer_raises(tokenizer, tiny_model):
+    from hf_datasel.synthetic.families import build_family_model
+
+    gpt2 = build_family_model("gpt2", tokenizer)
+    with pytest.raises(ValueError, match="'mlp.down_proj' matches no linear layer in layers \\[0, 1\\]"):
+        find_targets(gpt2, projections=("q", "mlp.down_proj"))
+    assert len(find_targets(gpt2, projections=("c_attn",))) == 2  # the fused weight whole, by its own name
+    gpt2.config.model_type = "gpt_bigcode"  # same `c_attn` name, another layout: never guessed
+    with pytest.raises(ValueError, match="c_attn looks like a fused q/k/v weight"):
+        find_targets(gpt2)
+    assert len(find_targets(gpt2, projections=("o",))) == 2
+
+    del tiny_model.model.layers[1].self_attn.k_proj  # present in layer 0 only: no partial table
+    with pytest.raises(ValueError, match="'k' matches no linear layer in layers \\[1\\]"):
+        find_targets(tiny_model)
+    assert [m.target.layer for m in find_targets(tiny_model, layers=[0], projections=("k",))] == [0]
+    tiny_model.model.layers[0].self_attn.out_proj = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="'o' matches 2 linear layers in layer 0"):
+        find_targets(tiny_model, projections=("o",))
+
+
+def _state(model):
+    """Everything `gradient_spectra` must leave as it was."""
+    return {
+        "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+        "training": {n: m.training for n, m in model.named_modules()},
+        "checkpointing": {
+            n: m.gradient_checkpointing for n, m in model.named_modules() if hasattr(m, "gradient_checkpointing")
+        },
+    }
+
+
+def test_trainer_model_with_checkpointing_comes_back_identical(tmp_path, tokenizer, rows6):
+    """TRL's default `gradient_checkpointing=True`, train mode after `trainer.train()`: measured, not refused."""
+    from trl import SFTTrainer
+
+    from hf_datasel.synthetic import make_pool
+    from hf_datasel.synthetic.families import build_family_model
+    from tests.conftest import sft_config
+
+    model = build_family_model("gpt2", tokenizer)  # dropout on: a train-mode pass would differ
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(tmp_path, gradient_checkpointing=True, max_steps=1),
+        train_dataset=make_pool(8, seed=5),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    model = trainer.model
+    model.train()
+    model.transformer.wpe.weight.requires_grad_(False)
+    assert model.is_gradient_checkpointing and model.training
+    before = _state(model)
+    spectra = gradient_spectra(model, rows6, tokenizer, batch_size=3)
+    after = _state(model)
+    assert after["requires_grad"] == before["requires_grad"] and after["training"] == before["training"]
+    assert after["checkpointing"] == before["checkpointing"] and any(before["checkpointing"].values())
+    assert all(torch.equal(after["weights"][n], w) for n, w in before["weights"].items())  # bitwise
+    assert all((g is None) == (after["grads"][n] is None) for n, g in before["grads"].items())
+    assert all(g is None or torch.equal(after["grads"][n], g) for n, g in before["grads"].items())
+
+    model.gradient_checkpointing_disable()
+    model.eval()
+    plain = gradient_spectra(model, rows6, tokenizer, batch_size=3)
+    for metric in ("nuclear_norm", "effective_rank"):  # the same numbers as a plain eval-mode model gives
+        np.testing.assert_allclose(spectra.metrics[metric], plain.metrics[metric], rtol=1e-12)
+
+
+@pytest.mark.parametrize("new_decoder_architecture,multi_query", [(True, False), (False, False), (False, True)])
+def test_falcon_layouts_follow_split_heads(new_decoder_architecture, multi_query):
+    """All three Falcon layouts, read off `FalconAttention._split_heads` itself applied to output positions."""
+    from transformers import FalconConfig
+    from transformers.models.falcon.modeling_falcon import FalconAttention
+
+    from hf_datasel.spectra import qkv_rows
+
+    config = FalconConfig(
+        vocab_size=16,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_kv_heads=2,
+        num_hidden_layers=1,
+        new_decoder_architecture=new_decoder_architecture,
+        multi_query=multi_query,
+    )
+    attention = FalconAttention(config, layer_idx=0)
+    width = attention.query_key_value.out_features
+    split = attention._split_heads(torch.arange(width, dtype=torch.float64).view(1, 1, width))
+    ours = qkv_rows(config)
+    assert sum(len(r) for r in ours.values()) == width
+    for p, states in zip("qkv", split):
+        assert sorted(ours[p].tolist()) == sorted(states.unique().long().tolist()), p
