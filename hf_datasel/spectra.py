@@ -199,6 +199,11 @@ class Target:
     projection: str  # the label the user asked for ("q", "gate_proj", ...) or the module's last name part
     block: str | None = None  # "q", "k" or "v": that row block of a fused q/k/v weight; None: the whole weight
 
+    @property
+    def qualified_name(self) -> str:
+        """The module name, with `[q]`/`[k]`/`[v]` for a block of a fused weight: unique per measured matrix."""
+        return self.name if self.block is None else f"{self.name}[{self.block}]"
+
 
 class Matrix(NamedTuple):
     """A measured matrix: its `Target`, the module whose input and output the hooks read, and, for a

@@ -382,21 +382,27 @@ def test_fused_qkv_blocks_match_autograd(tokenizer, rows6, family, lora):
     assert worst <= SIGMA_RTOL, f"max |Δσ| / σ_max = {worst:.1e}"
 
 
-def test_every_family_measures_qkvo_on_every_layer(tokenizer, rows6):
+def test_every_family_measures_qkvo_on_every_layer(tmp_path, tokenizer, rows6):
     from hf_datasel.synthetic.families import FAMILIES, build_family_model
 
     o_names = {"gpt2": "attn.c_proj", "gpt_neox": "attention.dense", "opt": "out_proj", "falcon": "attention.dense"}
     keys = [(layer, p) for layer in (0, 1) for p in "qkvo"]
     data = rows6.select(range(2))
+    measured = {}
     for family in FAMILIES:
         model = build_family_model(family, tokenizer).eval()
-        spectra = gradient_spectra(model, data, tokenizer, batch_size=2)
+        spectra = measured[family] = gradient_spectra(model, data, tokenizer, batch_size=2)
         assert [(t.layer, t.projection) for t in spectra.targets] == keys, family
         assert all(t.name.endswith(o_names.get(family, "o_proj")) for t in spectra.targets if t.projection == "o")
         fused = family in FUSED_FAMILIES
         assert all((t.block is not None) == fused for t in spectra.targets if t.projection != "o"), family
         assert np.isfinite(spectra.metrics["effective_rank"]).all(), family
         assert spectra.info["model_type"] == family
+    fused = measured["falcon"]
+    fused.save(tmp_path)
+    assert GradientSpectra.load(tmp_path, dataset=data).targets == fused.targets  # blocks survive the store
+    sel = DataSelector(data).run("spectral", 1, spectra=fused, projections=["k"])
+    assert sel.info["matrices"][:3] == [f"transformer.h.0.self_attention.query_key_value[{p}]" for p in "qkv"]
 
 
 def test_projection_missing_or_ambiguous_in_some_layer_raises(tokenizer, tiny_model):

@@ -86,7 +86,7 @@ def select_spectral(
         info={
             "source": source,
             "rows_without_finite_score": int(ctx.num_rows - len(finite)),
-            "matrices": [t.name for t in found.targets],
+            "matrices": [t.qualified_name for t in found.targets],
             "spectra_info": found.info,
         },
     )
