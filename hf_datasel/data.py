@@ -113,7 +113,7 @@ class RowProcessing:
 
 def _collator_kind(collator) -> tuple[str, int | None]:
     from transformers import DataCollatorForLanguageModeling as HFLanguageModeling
-    from transformers import DataCollatorWithPadding, default_data_collator
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, default_data_collator
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling as TRLLanguageModeling
 
     multiple = getattr(collator, "pad_to_multiple_of", None)
@@ -123,7 +123,7 @@ def _collator_kind(collator) -> tuple[str, int | None]:
         return "trl", multiple
     if isinstance(collator, HFLanguageModeling) and not collator.mlm:
         return "transformers_lm", multiple
-    if collator is default_data_collator or isinstance(collator, DataCollatorWithPadding):
+    if collator is default_data_collator or isinstance(collator, DataCollatorWithPadding | DataCollatorForSeq2Seq):
         return "default", multiple
     cls = collator if isinstance(collator, type) else type(collator)
     return f"custom:{cls.__module__}.{cls.__qualname__}", multiple

@@ -1,0 +1,236 @@
+"""Gradients of exactly what was trained: every SFTTrainer format, plain Trainer, twelve families, full and LoRA.
+
+Each case records a real run with learning rate 0 (weights stay fixed), then compares the
+library's exact per-sample gradients (`gradient_features(k=None)`, which rebuild the rows from the
+raw dataset and the store alone) with the gradient of the *trainer's own* loss on the trainer's
+own processed row, collated by the trainer's own collator, one row at a time through autograd.
+The tokenizer adds BOS and has a chat template, as users' Hub tokenizers do.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from transformers import DataCollatorForLanguageModeling, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+from trl import SFTConfig, SFTTrainer
+
+from hf_datasel import DataSelector, LossRecorderCallback, SnapshotCallback, with_row_ids
+from hf_datasel.featurize import gradient_features
+from hf_datasel.record.trainer_hooks import ROW_LABELS
+from hf_datasel.rows import ROW_ID
+from hf_datasel.store import RunStore
+from hf_datasel.synthetic import build_chat_tokenizer, build_model, make_pool
+from hf_datasel.synthetic.families import FAMILIES, build_family_model, lora_targets
+
+COSINE, RELATIVE = 0.9999, 1e-3  # fp32 per-row gradients of the same loss on the same inputs
+
+
+@pytest.fixture(scope="module")
+def chat_tok():
+    return build_chat_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def raw_pool():
+    pool = make_pool(10, noise=0.2, seed=4)
+    long_prompt = {"prompt": "copy " + "ab" * 40 + "=", "completion": "ab", "task": "copy", "is_noisy": False}
+    return Dataset.from_list([*pool.to_list(), long_prompt])  # its prompt alone fills max_length: TRL drops it
+
+
+def _as(fmt: str, pool: Dataset, tok) -> Dataset:
+    rows = pool.to_list()
+    if fmt == "prompt_completion":
+        return Dataset.from_list([{k: r[k] for k in ("prompt", "completion", "task")} for r in rows])
+    if fmt == "text":
+        return Dataset.from_list([{"text": r["prompt"] + r["completion"], "task": r["task"]} for r in rows])
+    if fmt == "conversational_prompt_completion":
+        return Dataset.from_list(
+            [
+                {
+                    "prompt": [{"role": "user", "content": r["prompt"]}],
+                    "completion": [{"role": "assistant", "content": r["completion"]}],
+                    "task": r["task"],
+                }
+                for r in rows
+            ]
+        )
+    if fmt == "messages":
+        return Dataset.from_list(
+            [
+                {
+                    "messages": [
+                        {"role": "user", "content": r["prompt"]},
+                        {"role": "assistant", "content": r["completion"]},
+                    ],
+                    "task": r["task"],
+                }
+                for r in rows
+            ]
+        )
+    if fmt == "tokenized":  # pre-tokenized with a completion mask, as users ship them
+        out = []
+        for r in rows:
+            prompt = tok(r["prompt"])["input_ids"]
+            ids = tok(r["prompt"] + r["completion"])["input_ids"] + [tok.eos_token_id]
+            out.append({"input_ids": ids, "completion_mask": [0] * len(prompt) + [1] * (len(ids) - len(prompt)),
+                        "task": r["task"]})  # fmt: skip
+        return Dataset.from_list(out)
+    raise ValueError(fmt)
+
+
+def _sft_run(tmp_path, model, tok, train, **config):
+    kwargs = dict(
+        output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=1, learning_rate=0.0,
+        save_strategy="no", report_to=[], bf16=False, use_cpu=True, gradient_checkpointing=False,
+        max_length=48, seed=0, disable_tqdm=True, dataloader_num_workers=0,
+    )  # fmt: skip
+    kwargs.update(config)
+    trainer = SFTTrainer(
+        model=model, args=SFTConfig(**kwargs), train_dataset=with_row_ids(train), processing_class=tok,
+        callbacks=[LossRecorderCallback(), SnapshotCallback(steps=[1])],
+    )  # fmt: skip
+    trainer.train()
+    return trainer
+
+
+def trainer_gradients(trainer, names: list[str], plain_loss: bool = False) -> dict[int, torch.Tensor]:
+    """Raw row id -> gradient of the trainer's loss on its processed row through its collator (eval mode)."""
+    model = trainer.model
+    params = dict(model.named_parameters())
+    processed = trainer._remove_unused_columns(trainer.train_dataset)
+    was_training = model.training
+    model.eval()
+    out = {}
+    try:
+        for example in processed:
+            batch = trainer._prepare_inputs(trainer.data_collator([example]))
+            row = int(batch.pop(ROW_ID)[0])
+            batch.pop(ROW_LABELS, None)
+            model.zero_grad(set_to_none=True)
+            loss = model(**batch).loss if plain_loss else trainer.compute_loss(model, batch)
+            loss.backward()
+            out[row] = torch.cat([params[n].grad.reshape(-1) for n in names]).detach().clone()
+    finally:
+        model.train(was_training)
+        model.zero_grad(set_to_none=True)
+    return out
+
+
+def check_exact(trainer, raw: Dataset, plain_loss: bool = False, pass_model: bool = False) -> None:
+    """Library gradients == the trainer's, row by row; with `pass_model`, featurize `trainer.model` in place."""
+    store = RunStore.for_output_dir(trainer.args.output_dir)
+    model = trainer.model if pass_model else None
+    (features,) = gradient_features(store, raw, k=None, dtype="float32", model=model, progress=False)
+    reference = trainer_gradients(trainer, list(features.spec.param_names), plain_loss)
+    dropped = set(range(len(raw))) - set(reference)  # rows SFTTrainer dropped (no label token left)
+    ours = torch.from_numpy(features.raw())
+    for row, ref in reference.items():
+        g = ours[row]
+        cosine = float(g @ ref / (g.norm() * ref.norm()))
+        relative = float((g - ref).norm() / ref.norm())
+        assert cosine >= COSINE and relative <= RELATIVE, (row, cosine, relative)
+    for row in dropped:  # the trainer never trained on it: no gradient, never a made-up one
+        assert not np.isfinite(features.norms[row])
+
+
+def check_selections(trainer, raw: Dataset, targets: Dataset) -> None:
+    selector = DataSelector.from_run(trainer.args.output_dir, dataset=raw)
+    for method in ("less", "g2is"):
+        subset = selector.select(method, budget=4, targets=targets, k=64)
+        assert 1 <= len(subset) <= 4 and subset.column_names == raw.column_names
+
+
+FORMATS = [
+    ("prompt_completion", {}),
+    ("prompt_completion", {"completion_only_loss": False}),
+    ("text", {}),
+    ("conversational_prompt_completion", {}),
+    ("messages", {}),
+    ("messages", {"assistant_only_loss": True}),
+    ("tokenized", {}),
+]
+
+
+@pytest.mark.parametrize(("fmt", "config"), FORMATS, ids=[f"{f}-{'-'.join(c) or 'default'}" for f, c in FORMATS])
+def test_every_sft_format_featurizes_what_was_trained(tmp_path, chat_tok, raw_pool, fmt, config):
+    raw = _as(fmt, raw_pool, chat_tok)
+    trainer = _sft_run(tmp_path, build_model(chat_tok, seed=1), chat_tok, raw, **config)
+    check_exact(trainer, raw)
+    check_selections(trainer, raw, raw.select(range(3)))
+
+
+def test_label_smoothing_run_records_and_featurizes_the_plain_loss(tmp_path, chat_tok, raw_pool):
+    raw = _as("prompt_completion", raw_pool, chat_tok)
+    trainer = _sft_run(tmp_path, build_model(chat_tok, seed=1), chat_tok, raw, label_smoothing_factor=0.1)
+    losses = RunStore.for_output_dir(trainer.args.output_dir).load_arrays(RunStore.LOSSES)
+    assert len(losses["loss"]) == 4 and np.isfinite(losses["loss"]).all()
+    check_exact(trainer, raw, plain_loss=True)
+
+
+@pytest.mark.parametrize("collator", ["lm", "seq2seq"])
+def test_plain_trainer_on_pretokenized_rows(tmp_path, chat_tok, raw_pool, collator):
+    """transformers.Trainer: its LM collator trains on the inputs (pad id masked); Seq2Seq keeps the rows' labels."""
+    rows = _as("tokenized", raw_pool, chat_tok).remove_columns(["completion_mask", "task"])
+    rows = rows.select(range(len(raw_pool) - 1))
+    if collator == "lm":
+        data_collator = DataCollatorForLanguageModeling(chat_tok, mlm=False)
+    else:
+        rows = rows.map(lambda r: {"labels": [-100] * 4 + r["input_ids"][4:]})
+        data_collator = DataCollatorForSeq2Seq(chat_tok)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=1, learning_rate=0.0,
+        save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = Trainer(
+        model=build_model(chat_tok, seed=1), args=args, train_dataset=with_row_ids(rows),
+        data_collator=data_collator, processing_class=chat_tok,
+        callbacks=[LossRecorderCallback(), SnapshotCallback(steps=[1])],
+    )  # fmt: skip
+    trainer.train()
+    check_exact(trainer, rows)
+    check_selections(trainer, rows, rows.select(range(3)))
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_featurizes_what_was_trained(tmp_path, chat_tok, raw_pool, family, lora):
+    raw = _as("prompt_completion", raw_pool, chat_tok).select(range(6))
+    model = build_family_model(family, chat_tok, seed=0)
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=lora_targets(family)))
+    trainer = _sft_run(tmp_path, model, chat_tok, raw)
+    # a LoRA base built from a config has no loadable weights in the store: the user passes the model
+    check_exact(trainer, raw, pass_model=lora)
+
+
+def test_trl_defaults_and_a_passed_model_comes_back_as_it_went_in(tmp_path, chat_tok, raw_pool):
+    """TRL's own defaults (bf16 autocast, activation checkpointing, lr 2e-5) record; `model=` is handed back intact."""
+    raw = _as("prompt_completion", raw_pool, chat_tok)
+    model = get_peft_model(build_model(chat_tok, seed=1), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    args = SFTConfig(
+        output_dir=str(tmp_path / "run"), use_cpu=True, per_device_train_batch_size=4, max_steps=2,
+        save_strategy="no", report_to=[], disable_tqdm=True,
+    )  # fmt: skip
+    assert args.bf16 and args.gradient_checkpointing  # the defaults this test is about
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=with_row_ids(raw), processing_class=chat_tok,
+        callbacks=[LossRecorderCallback(), SnapshotCallback(steps=[1])],  # snapshot weights != final weights
+    )  # fmt: skip
+    trainer.train()
+    assert np.isfinite(RunStore.for_output_dir(args.output_dir).load_arrays(RunStore.LOSSES)["loss"]).all()
+    model = trainer.model
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = [m.training for m in model.modules()]
+    checkpointing = model.get_base_model().is_activation_checkpointing
+    assert checkpointing
+    selector = DataSelector.from_run(args.output_dir, dataset=raw)
+    subset = selector.select("less", budget=3, targets=raw.select(range(2)), k=64, model=model)
+    assert len(subset) == 3
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # bitwise: snapshot weights were put back
+    assert [m.training for m in model.modules()] == modes
+    assert model.get_base_model().is_activation_checkpointing == checkpointing
