@@ -1,38 +1,67 @@
 """Exact per-sample gradients of a causal LM's trainable parameters, for a whole padded batch at once.
 
 One forward and one backward per batch, like a training step. Forward hooks on the modules
-that own trainable parameters keep each call's input; `torch.autograd.grad` then returns the
-gradient of the summed per-sample losses with respect to each call's *output* (never the
-summed parameter gradients, which are not computed at all). Because sample b's loss depends
-only on sample b's activations, those output gradients are per-sample, and:
+that own trainable parameters keep each call's inputs and output; `torch.autograd.grad` then
+returns the gradient of the summed per-sample losses with respect to each call's *output*
+(never the summed parameter gradients, which are not computed at all). Because sample b's loss
+depends only on sample b's activations, those output gradients δ are per-sample, and:
 
-* `nn.Linear` (base weights, LoRA A and B, the LM head): `dW_b = Σ_t δ_bt x_btᵀ`, `db_b = Σ_t δ_bt`
-  — one batched matmul;
+* a *linear* module — `nn.Linear` (base weights, LoRA A and B, the LM head), `Conv1D` (GPT-2,
+  weight stored (in, out)), or any `nn.Linear`/`Conv1D` subclass whose forward is still
+  `x Wᵀ + b` / `x W + b` (checked once, on a random probe, when the engine is built):
+  `dW_b = Σ_t δ_bt x_btᵀ` (transposed for the (in, out) layout), `db_b = Σ_t δ_bt` — one
+  batched matmul;
 * any other module (RMSNorm, Embedding, ...): `torch.func.vmap` of the module's own VJP over
-  the batch, which is exact for any module whose forward treats samples independently.
+  the batch, exact for any module whose forward treats samples independently.
+
+Nothing depends on module shapes by special case. A tensor is split into rows by its leading
+dimension, which must be the batch size B or, for modules that see inputs flattened over batch
+and tokens (OPT's MLP), B·T; anything else is an error. Every way a per-sample gradient could
+silently come out wrong raises `PerSampleGradientError` instead:
+
+* a module output whose leading dimension is neither B nor B·T (e.g. position embeddings built
+  once for the whole batch: their gradient would be a batch sum);
+* a vmap call with no per-row argument, or whose one-row-at-a-time outputs differ from the
+  batched output (the module mixes rows across the batch);
+* a trainable parameter used outside the forward of a module that owns it (e.g. read as
+  `module.weight` by its parent): that use is invisible to the hooks.
 
 Each sample's loss is the mean cross-entropy over its label tokens (`!= -100`, after the usual
-shift), the loss a batch of one would have. Position ids are taken from the attention mask,
-so left and right padding give the same gradients.
+shift), the loss a batch of one would have. Position ids counted over each row's real tokens are
+always passed (when the model's forward takes `position_ids`), so left and right padding give the
+gradients of the row alone; a model that does not take them and builds positions shared by the
+whole batch is caught by the leading-dimension check above.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import inspect
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+from transformers.pytorch_utils import Conv1D
 
 from ..record.per_sample_loss import IGNORE_INDEX
+
+# Weight layouts of linear modules: y = x Wᵀ + b (nn.Linear) and y = x W + b (Conv1D).
+OUT_IN, IN_OUT = "out_in", "in_out"
+
+
+class PerSampleGradientError(RuntimeError):
+    """A per-sample gradient of this model cannot be had exactly; raised instead of returning a wrong one."""
 
 
 @dataclass
 class _Owner:
+    name: str  # module path in the model, for error messages
     module: nn.Module
     local_to_name: dict[str, str]  # the module's own attribute name -> canonical parameter name
+    layout: str | None  # OUT_IN / IN_OUT for a linear module (batched matmul), None for the vmap path
 
 
 @dataclass
@@ -53,7 +82,8 @@ class PerSampleGradients:
     Calling the object on a padded batch (`input_ids`, `attention_mask`, `labels`) runs one
     forward and one backward and hands each parameter's (B, *shape) float32 gradient to
     `consume(name, grads)` as soon as it is complete (so only one block is alive at a time),
-    or returns them all in a dict when `consume` is None.
+    or returns them all in a dict when `consume` is None. Raises `PerSampleGradientError` when
+    some per-sample gradient cannot be had exactly (see the module docstring).
     """
 
     def __init__(self, model: nn.Module, param_names: Sequence[str] | None = None):
@@ -70,15 +100,16 @@ class PerSampleGradients:
         self.params = {n: named[n] for n in self.param_names}
         by_id = {id(p): n for n, p in self.params.items()}
         self.owners: list[_Owner] = []
-        for module in model.modules():
+        for path, module in model.named_modules():
             owned = {
                 local: by_id[id(p)] for local, p in module._parameters.items() if p is not None and id(p) in by_id
             }
             if owned:
-                self.owners.append(_Owner(module, owned))
+                self.owners.append(_Owner(path or type(module).__name__, module, owned, _linear_layout(module)))
         self.shapes = {n: tuple(p.shape) for n, p in self.params.items()}
         self._all_params = list(model.parameters())
         self._wanted = {id(p) for p in self.params.values()}
+        self._pass_positions = _forward_takes(model, "position_ids")
 
     @contextmanager
     def _only_these_trainable(self):
@@ -104,12 +135,20 @@ class PerSampleGradients:
         A row without label tokens, or with a non-finite loss, is not valid: it takes no part
         in the backward pass and its gradient is all zeros; callers must not use it.
         """
+        if any(getattr(m, "gradient_checkpointing", False) is True for m in self.model.modules()):
+            raise PerSampleGradientError(
+                "gradient checkpointing is on: its recomputed forwards would re-fire the capture hooks; turn it off"
+            )
+        batch, tokens = input_ids.shape
         calls: list[_Call] = []
 
         def capture(owner: _Owner):
             def hook(module, args, kwargs, output):
                 if not torch.is_tensor(output):
-                    raise TypeError(f"per-sample gradients: {type(module).__name__} returned {type(output)}")
+                    raise PerSampleGradientError(
+                        f"{owner.name} ({type(module).__name__}) returned {type(output).__name__}, not a tensor"
+                    )
+                _check_rows(output, batch, tokens, f"the output of {owner.name} ({type(module).__name__})")
                 calls.append(_Call(owner, args, kwargs, output))
 
             return hook
@@ -117,21 +156,20 @@ class PerSampleGradients:
         hooks = [o.module.register_forward_hook(capture(o), with_kwargs=True) for o in self.owners]
         try:
             with self._only_these_trainable(), torch.enable_grad():
-                position_ids = _positions(attention_mask)
-                out = self.model(
-                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-                )
+                extra = {"position_ids": _positions(attention_mask)} if self._pass_positions else {}
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
                 loss, valid = _per_sample_loss(out.logits, labels)
                 total = loss.masked_fill(~valid, 0.0).sum()
-                outputs = [c.output for c in calls]
-                if valid.any():
-                    deltas = torch.autograd.grad(total, outputs, allow_unused=True)
-                else:
-                    deltas = (None,) * len(outputs)
+                _check_parameter_uses(total, calls, self._wanted, {id(p): n for n, p in self.params.items()})
+                differentiable = [i for i, c in enumerate(calls) if c.output.requires_grad]
+                deltas: list[torch.Tensor | None] = [None] * len(calls)
+                if valid.any() and differentiable:
+                    found = torch.autograd.grad(total, [calls[i].output for i in differentiable], allow_unused=True)
+                    for i, d in zip(differentiable, found):
+                        deltas[i] = d
         finally:
             for h in hooks:
                 h.remove()
-        batch = input_ids.shape[0]
         remaining = {n: 0 for n in self.param_names}
         for c in calls:
             for name in c.owner.local_to_name.values():
@@ -144,7 +182,7 @@ class PerSampleGradients:
         acc: dict[str, torch.Tensor] = {}
         for i, (call, delta) in enumerate(zip(calls, deltas)):
             calls[i] = None  # free activations as we go
-            grads = _module_grads(call, delta, batch)
+            grads = _module_grads(call, delta, batch, tokens)
             for local, name in call.owner.local_to_name.items():
                 g = grads[local]
                 acc[name] = g if name not in acc else acc[name] + g
@@ -154,12 +192,20 @@ class PerSampleGradients:
         return result, loss.detach(), valid
 
 
-def _positions(attention_mask: torch.Tensor) -> torch.Tensor | None:
-    """Position ids counted over real tokens; None (the model's own 0..T-1) when every row is right-padded."""
-    mask = attention_mask.long()
-    if bool(mask[:, 0].all()) and bool((mask[:, 1:] <= mask[:, :-1]).all()):
-        return None
-    return (mask.cumsum(-1) - 1).clamp_min(0)
+# -- inputs and loss -----------------------------------------------------------------------
+def _forward_takes(model: nn.Module, argument: str) -> bool:
+    """Whether the model's forward (a PEFT wrapper's base model's) names `argument` in its signature."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return argument in inspect.signature(inner.forward).parameters
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) position ids counted over each row's real tokens: a row gets the positions it has alone.
+
+    Padding gets the neighbouring real position (0 before a left-padded row, the last one after a
+    right-padded row), so every row's ids are non-decreasing (never read as packed sequences).
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
 def _per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,55 +220,151 @@ def _per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
     return torch.where(count > 0, loss, torch.full_like(loss, float("nan"))), valid
 
 
-def _module_grads(call: _Call, delta: torch.Tensor | None, batch: int) -> dict[str, torch.Tensor]:
+# -- rows: the leading dimension is B, or B·T for inputs flattened over batch and tokens ----
+def _has_rows(t: object, batch: int, tokens: int) -> bool:
+    return torch.is_tensor(t) and t.dim() > 0 and t.shape[0] in (batch, batch * tokens)
+
+
+def _check_rows(t: torch.Tensor, batch: int, tokens: int, what: str) -> None:
+    if not _has_rows(t, batch, tokens):
+        raise PerSampleGradientError(
+            f"{what} has shape {tuple(t.shape)}: its leading dimension is neither the batch size {batch} nor "
+            f"batch × tokens {batch * tokens}, so it cannot be split into per-sample parts"
+        )
+
+
+def _by_row(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """View a (B, ...) or (B·T, ...) tensor as (B, n, ...): row b's part, as a batch of one would hold it."""
+    return t.reshape(batch, t.shape[0] // batch, *t.shape[1:])
+
+
+# -- linear modules: one batched matmul ---------------------------------------------------
+def _linear_layout(module: nn.Module) -> str | None:
+    """OUT_IN or IN_OUT if `module` computes `x Wᵀ + b` or `x W + b` from its 2-D `weight` (and `bias`), else None.
+
+    `nn.Linear` and `Conv1D` themselves are known. A subclass that overrides `forward` (e.g.
+    Falcon's `FalconLinear`, `input @ weight.T + bias`) is probed once on random weights and a
+    random input; one that is not linear there takes the generic vmap path.
+    """
+    if not isinstance(module, (nn.Linear, Conv1D)):
+        return None
+    if type(module).forward is nn.Linear.forward:
+        return OUT_IN
+    if type(module).forward is Conv1D.forward:
+        return IN_OUT
+    weight, bias = module.weight, module._parameters.get("bias")
+    if weight.dim() != 2 or (bias is not None and bias.dim() != 1):
+        return None
+    gen = torch.Generator().manual_seed(0)
+    probe = {"inner.weight": torch.randn(weight.shape, generator=gen)}
+    if bias is not None:
+        probe["inner.bias"] = torch.randn(bias.shape, generator=gen)
+    probe = {k: v.to(weight.device) for k, v in probe.items()}
+    w, b = probe["inner.weight"], probe.get("inner.bias")
+    for layout, (d_out, d_in) in ((OUT_IN, weight.shape), (IN_OUT, weight.shape[::-1])):
+        if b is not None and b.shape[0] != d_out:
+            continue
+        x = torch.randn(2, 3, d_in, generator=gen).to(weight.device)
+        expected = x @ (w.T if layout == OUT_IN else w) + (b if b is not None else 0.0)
+        try:
+            with torch.no_grad():
+                y = torch.func.functional_call(_Bare(module), probe, (x,))
+        except (RuntimeError, TypeError, ValueError):  # a shape mismatch: not this layout
+            continue
+        if torch.is_tensor(y) and y.shape == expected.shape and torch.allclose(y, expected, rtol=1e-4, atol=1e-4):
+            return layout
+    return None
+
+
+def _input_tensor(call: _Call) -> torch.Tensor:
+    """The one tensor a linear module was called with (positionally or by keyword)."""
+    tensors = [a for a in (*call.args, *call.kwargs.values()) if torch.is_tensor(a)]
+    if len(tensors) != 1:
+        raise PerSampleGradientError(f"{call.owner.name} was called with {len(tensors)} tensors, expected one input")
+    return tensors[0]
+
+
+def _linear_grads(call: _Call, delta: torch.Tensor, batch: int, tokens: int) -> dict[str, torch.Tensor]:
+    """dW_b = Σ_t δ_bt x_btᵀ (x_bt δ_btᵀ for the (in, out) layout), db_b = Σ_t δ_bt, as batched matmuls."""
+    x = _input_tensor(call)
+    _check_rows(x, batch, tokens, f"the input of {call.owner.name}")
+    if x.shape[:-1] != delta.shape[:-1]:
+        raise PerSampleGradientError(
+            f"{call.owner.name}: input {tuple(x.shape)} and output {tuple(delta.shape)} do not match token for token"
+        )
+    x = _by_row(x.detach(), batch).reshape(batch, -1, x.shape[-1]).float()
+    d = _by_row(delta, batch).reshape(batch, -1, delta.shape[-1]).float()
+    out = {}
+    if "weight" in call.owner.local_to_name:
+        # (B, out, in) = Σ_t δ xᵀ for nn.Linear's layout; (B, in, out) = Σ_t x δᵀ for Conv1D's.
+        out["weight"] = d.transpose(1, 2) @ x if call.owner.layout == OUT_IN else x.transpose(1, 2) @ d
+    if "bias" in call.owner.local_to_name:
+        out["bias"] = d.sum(1)
+    return out
+
+
+# -- any other module: vmap of its own VJP over the rows ----------------------------------
+def _module_grads(call: _Call, delta: torch.Tensor | None, batch: int, tokens: int) -> dict[str, torch.Tensor]:
     module = call.owner.module
-    params = {local: getattr(module, local) for local in call.owner.local_to_name}
     if delta is None:
+        params = {local: getattr(module, local) for local in call.owner.local_to_name}
         return {local: torch.zeros(batch, *p.shape, device=p.device) for local, p in params.items()}
-    if type(module) is nn.Linear:
-        x = call.args[0] if call.args else call.kwargs["input"]
-        x = x.detach().reshape(batch, -1, x.shape[-1]).float()
-        d = delta.reshape(batch, -1, delta.shape[-1]).float()
-        out = {"weight": torch.bmm(d.transpose(1, 2), x)}
-        if "bias" in params:
-            out["bias"] = d.sum(1)
-        return {local: out[local] for local in params}
-    return _vmap_grads(module, params, call, delta, batch)
+    if call.owner.layout is not None:
+        return _linear_grads(call, delta, batch, tokens)
+    return _vmap_grads(call, delta, batch, tokens)
 
 
-def _vmap_grads(module, params, call: _Call, delta, batch) -> dict[str, torch.Tensor]:
+def _vmap_grads(call: _Call, delta: torch.Tensor, batch: int, tokens: int) -> dict[str, torch.Tensor]:
     """Per-sample VJP of one module call, vmapped over the batch (any module that treats rows independently).
 
-    Tensor arguments (positional or keyword) whose first dimension is the batch are split per
-    sample; everything else is passed to every sample unchanged.
+    Every tensor in the call's arguments (nested in tuples, lists, dicts too) whose leading
+    dimension is B or B·T is split by rows, so each row's call sees what a batch of one would
+    (a (1, ...) or a flattened (T, ...) tensor); everything else is passed to every row
+    unchanged. The rows' recomputed outputs must equal the batched output, or the module mixes
+    rows and its per-sample gradient is not what this computes.
     """
+    owner = call.owner
+    leaves, spec = tree_flatten((call.args, call.kwargs))
+    leaves = [a.detach() if torch.is_tensor(a) else a for a in leaves]
+    slots = [i for i, a in enumerate(leaves) if _has_rows(a, batch, tokens)]
+    if not slots:
+        raise PerSampleGradientError(
+            f"{owner.name} ({type(owner.module).__name__}) was called with no argument that has the batch (or "
+            "batch × tokens) as its leading dimension, so its per-sample gradient cannot be separated"
+        )
+    bare = _Bare(owner.module)  # the module's forward without its hooks (e.g. transformers' input-grad hook)
+    detached = {f"inner.{local}": getattr(owner.module, local).detach() for local in owner.local_to_name}
 
-    def is_batched(a) -> bool:
-        return torch.is_tensor(a) and a.dim() > 0 and a.shape[0] == batch
-
-    args = [a.detach() if torch.is_tensor(a) else a for a in call.args]
-    kwargs = {k: v.detach() if torch.is_tensor(v) else v for k, v in call.kwargs.items()}
-    arg_slots = [i for i, a in enumerate(args) if is_batched(a)]
-    kwarg_slots = [k for k, v in kwargs.items() if is_batched(v)]
-    bare = _Bare(module)  # the module's forward without its hooks (e.g. transformers' input-grad hook)
-    detached = {f"inner.{k}": p.detach() for k, p in params.items()}
-
-    def one(sample_args, sample_kwargs, g):
-        full_args = list(args)
-        for i, a in zip(arg_slots, sample_args):
-            full_args[i] = a.unsqueeze(0)
-        full_kwargs = {**kwargs, **{k: v.unsqueeze(0) for k, v in sample_kwargs.items()}}
+    def one(rows: tuple[torch.Tensor, ...], g: torch.Tensor):
+        full = list(leaves)
+        for i, a in zip(slots, rows):
+            full[i] = a
+        args, kwargs = tree_unflatten(full, spec)
 
         def f(p):
-            return torch.func.functional_call(bare, p, tuple(full_args), full_kwargs)
+            return torch.func.functional_call(bare, p, tuple(args), kwargs)
 
-        _, vjp = torch.func.vjp(f, detached)
-        return vjp(g.unsqueeze(0))[0]
+        output, vjp = torch.func.vjp(f, detached)
+        return vjp(g)[0], output
 
-    sample_args = tuple(args[i] for i in arg_slots)
-    sample_kwargs = {k: kwargs[k] for k in kwarg_slots}
-    grads = torch.func.vmap(one)(sample_args, sample_kwargs, delta.detach())
+    rows = tuple(_by_row(leaves[i], batch) for i in slots)
+    grads, outputs = torch.func.vmap(one)(rows, _by_row(delta.detach(), batch))
+    _check_same_output(outputs, call.output.detach(), owner)
     return {k.removeprefix("inner."): v.float() for k, v in grads.items()}
+
+
+def _check_same_output(per_row: torch.Tensor, batched: torch.Tensor, owner: _Owner) -> None:
+    """Raise unless the module's rows, computed one at a time, give its batched output (up to rounding)."""
+    if per_row.numel() == batched.numel():
+        per_row = per_row.reshape(batched.shape)
+        tol = max(1e-5, 4 * torch.finfo(batched.dtype).eps) if batched.is_floating_point() else 0.0
+        scale = batched.abs().max().item() if batched.numel() and batched.is_floating_point() else 0.0
+        if torch.allclose(per_row, batched, rtol=tol, atol=tol * scale):
+            return
+    raise PerSampleGradientError(
+        f"{owner.name} ({type(owner.module).__name__}) gives other outputs one row at a time than for the batch: "
+        "it mixes rows across the batch, so its per-sample gradient cannot be had"
+    )
 
 
 class _Bare(nn.Module):
@@ -234,3 +376,45 @@ class _Bare(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.inner.forward(*args, **kwargs)
+
+
+# -- every use of a parameter must be inside a call the hooks saw -------------------------
+def _walk(root, stop: set) -> Iterator:
+    """Autograd nodes reachable from `root`, not descending into (or yielding) the nodes in `stop`."""
+    seen, stack = set(), [root]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen or node in stop:
+            continue
+        seen.add(node)
+        yield node
+        stack.extend(child for child, _ in node.next_functions)
+
+
+def _check_parameter_uses(total: torch.Tensor, calls: list[_Call], wanted: set[int], names: dict[int, str]) -> None:
+    """Raise if a trainable parameter reaches the loss other than inside the forward of a module owning it.
+
+    The hooks only see a module's calls; a parameter its parent reads directly (`child.weight`)
+    contributes a gradient no captured call accounts for. An edge from an autograd node to a
+    parameter counts as inside a call if the node lies between that call's output and its inputs.
+    """
+    if total.grad_fn is None:
+        return
+    inside = set()
+    for c in calls:
+        if c.output.grad_fn is None:
+            continue
+        owned = {id(getattr(c.owner.module, local)) for local in c.owner.local_to_name}
+        inputs = {t.grad_fn for t in tree_flatten((c.args, c.kwargs))[0] if torch.is_tensor(t) and t.grad_fn}
+        for node in _walk(c.output.grad_fn, inputs):
+            for child, _ in node.next_functions:
+                if id(getattr(child, "variable", None)) in owned:
+                    inside.add((node, id(child.variable)))
+    for node in _walk(total.grad_fn, set()):
+        for child, _ in node.next_functions:
+            param = getattr(child, "variable", None)
+            if param is not None and id(param) in wanted and (node, id(param)) not in inside:
+                raise PerSampleGradientError(
+                    f"parameter {names[id(param)]} is used outside the forward of the module that owns it "
+                    f"(by {node.name()}), so its per-sample gradient cannot be taken from that module's calls"
+                )
