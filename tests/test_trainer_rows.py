@@ -81,7 +81,7 @@ def _as(fmt: str, pool: Dataset, tok) -> Dataset:
     raise ValueError(fmt)
 
 
-def _sft_run(tmp_path, model, tok, train, **config):
+def _sft_run(tmp_path, model, tok, train, compute_loss_func=None, **config):
     kwargs = dict(
         output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=1, learning_rate=0.0,
         save_strategy="no", report_to=[], bf16=False, use_cpu=True, gradient_checkpointing=False,
@@ -90,7 +90,7 @@ def _sft_run(tmp_path, model, tok, train, **config):
     kwargs.update(config)
     trainer = SFTTrainer(
         model=model, args=SFTConfig(**kwargs), train_dataset=with_row_ids(train), processing_class=tok,
-        callbacks=[LossRecorderCallback(), SnapshotCallback(steps=[1])],
+        compute_loss_func=compute_loss_func, callbacks=[LossRecorderCallback(), SnapshotCallback(steps=[1])],
     )  # fmt: skip
     trainer.train()
     return trainer
@@ -162,9 +162,20 @@ def test_every_sft_format_featurizes_what_was_trained(tmp_path, chat_tok, raw_po
     check_selections(trainer, raw, raw.select(range(3)))
 
 
-def test_label_smoothing_run_records_and_featurizes_the_plain_loss(tmp_path, chat_tok, raw_pool):
+def _smoothed_loss(outputs, labels, num_items_in_batch=None):
+    logits = outputs.logits[:, :-1].flatten(0, 1)
+    return torch.nn.functional.cross_entropy(logits, labels[:, 1:].flatten(), label_smoothing=0.2)
+
+
+@pytest.mark.parametrize("objective", ["label_smoothing", "compute_loss_func"])
+def test_other_objectives_record_and_featurize_the_plain_loss(tmp_path, chat_tok, raw_pool, objective):
+    """The trainer pops `labels` before its forward for these; the record is still the plain cross-entropy."""
     raw = _as("prompt_completion", raw_pool, chat_tok)
-    trainer = _sft_run(tmp_path, build_model(chat_tok, seed=1), chat_tok, raw, label_smoothing_factor=0.1)
+    model = build_model(chat_tok, seed=1)
+    if objective == "label_smoothing":
+        trainer = _sft_run(tmp_path, model, chat_tok, raw, label_smoothing_factor=0.1)
+    else:
+        trainer = _sft_run(tmp_path, model, chat_tok, raw, compute_loss_func=_smoothed_loss)
     losses = RunStore.for_output_dir(trainer.args.output_dir).load_arrays(RunStore.LOSSES)
     assert len(losses["loss"]) == 4 and np.isfinite(losses["loss"]).all()
     check_exact(trainer, raw, plain_loss=True)
