@@ -118,6 +118,21 @@ def test_per_sample_gradients_equal_one_row_autograd(tokenizer, family_rows, fam
     assert relative.max() <= RELATIVE_ERROR, f"relative error per row {relative.tolist()}"
 
 
+def test_dora_magnitudes_and_adapters(tokenizer, family_rows):
+    """DoRA calls its adapters on an identity matrix for a (detached) weight norm: that call is not a row."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True, init_lora_weights=False)
+    model = get_peft_model(build_family_model("llama", tokenizer, seed=0), config).eval()
+    engine = PerSampleGradients(model)
+    assert any("lora_magnitude_vector" in n for n in engine.param_names)
+    reference = _reference(model, family_rows, engine.param_names)
+    grads, _, valid = engine(**_pad(family_rows, tokenizer.pad_token_id, "left"))
+    got = torch.cat([grads[n].reshape(len(family_rows), -1) for n in engine.param_names], dim=1)
+    relative = (got - reference).double().norm(dim=1) / reference.double().norm(dim=1)
+    assert valid.all() and relative.max() <= RELATIVE_ERROR, f"relative error per row {relative.tolist()}"
+
+
 # -- linear modules are recognised by what they compute --------------------------------------
 class _FalconStyleLinear(nn.Linear):
     """An nn.Linear subclass that overrides forward but is still x Wᵀ + b (like FalconLinear)."""

@@ -19,8 +19,8 @@ dimension, which must be the batch size B or, for modules that see inputs flatte
 and tokens (OPT's MLP), B·T; anything else is an error. Every way a per-sample gradient could
 silently come out wrong raises `PerSampleGradientError` instead:
 
-* a module output whose leading dimension is neither B nor B·T (e.g. position embeddings built
-  once for the whole batch: their gradient would be a batch sum);
+* a module output that reaches the loss with a leading dimension that is neither B nor B·T (e.g.
+  position embeddings built once for the whole batch: their gradient would be a batch sum);
 * a vmap call with no per-row argument, or whose one-row-at-a-time outputs differ from the
   batched output (the module mixes rows across the batch);
 * a trainable parameter used outside the forward of a module that owns it (e.g. read as
@@ -148,7 +148,6 @@ class PerSampleGradients:
                     raise PerSampleGradientError(
                         f"{owner.name} ({type(module).__name__}) returned {type(output).__name__}, not a tensor"
                     )
-                _check_rows(output, batch, tokens, f"the output of {owner.name} ({type(module).__name__})")
                 calls.append(_Call(owner, args, kwargs, output))
 
             return hook
@@ -306,9 +305,10 @@ def _linear_grads(call: _Call, delta: torch.Tensor, batch: int, tokens: int) -> 
 # -- any other module: vmap of its own VJP over the rows ----------------------------------
 def _module_grads(call: _Call, delta: torch.Tensor | None, batch: int, tokens: int) -> dict[str, torch.Tensor]:
     module = call.owner.module
-    if delta is None:
+    if delta is None:  # the output does not reach the loss (e.g. detached, as in DoRA's weight norm)
         params = {local: getattr(module, local) for local in call.owner.local_to_name}
         return {local: torch.zeros(batch, *p.shape, device=p.device) for local, p in params.items()}
+    _check_rows(delta, batch, tokens, f"the output of {call.owner.name} ({type(module).__name__})")
     if call.owner.layout is not None:
         return _linear_grads(call, delta, batch, tokens)
     return _vmap_grads(call, delta, batch, tokens)
