@@ -36,7 +36,7 @@ from datasets import Dataset
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .data import iter_batches, tokenize_rows
+from .data import RowProcessing, Rows, iter_batches, load_processing, prepare_rows
 from .model_state import plain_forward
 from .record.per_sample_loss import IGNORE_INDEX
 from .rows import ROW_COLUMNS, row_hashes
@@ -662,15 +662,16 @@ def _row_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     return token_loss.sum(-1) / count.clamp(min=1), count
 
 
-def _tokenized(dataset: Dataset, tokenizer, max_length: int | None) -> list[dict[str, list[int]]]:
-    if "input_ids" in dataset.column_names:
-        ids = dataset["input_ids"]
-        labels = dataset["labels"] if "labels" in dataset.column_names else ids
-        rows = [{"input_ids": list(i), "labels": list(lab)} for i, lab in zip(ids, labels)]
-        return rows if max_length is None else [{k: v[:max_length] for k, v in r.items()} for r in rows]
+def _prepared_rows(dataset: Dataset, tokenizer, max_length: int | None, store: RunStore | None) -> Rows:
+    """The rows as the recorded trainer made them (its `RowProcessing` when `store` has one, else SFTTrainer's)."""
+    processing = load_processing(store.path) if store is not None else RowProcessing()
+    if max_length is not None:
+        processing = processing.replace(max_length=max_length)
     if tokenizer is None:
-        raise ValueError("gradient_spectra needs tokenizer= for a dataset that is not tokenized yet")
-    return tokenize_rows(dataset, tokenizer, max_length)
+        if "input_ids" not in dataset.column_names:
+            raise ValueError("gradient_spectra needs tokenizer= for a dataset that is not tokenized yet")
+        processing = processing.replace(format="tokenized", collator="trl")  # the rows' own ids and labels
+    return prepare_rows(dataset, tokenizer, processing)
 
 
 def gradient_spectra(
@@ -682,7 +683,7 @@ def gradient_spectra(
     projections: Sequence[str] = ("q", "k", "v", "o"),
     modules: Sequence[str] | None = None,
     batch_size: int = 8,
-    max_length: int | None = 1024,
+    max_length: int | None = None,
     padding_side: Literal["left", "right"] = "right",
     dtype: torch.dtype = torch.float64,
     keep_singular_values: bool = False,
@@ -693,10 +694,12 @@ def gradient_spectra(
     """Gradient spectra of every row of `dataset` on the chosen weight matrices of `model`.
 
     The loss is the response-token loss (mean cross-entropy over completion tokens; all tokens of
-    a `text` row), tokenized the way SFTTrainer does. Singular values come from the factored
-    gradient in `dtype` (float64 by default), one forward and one backward per batch; padding
-    contributes nothing. With `store=` (a run's output_dir or a `RunStore`) the result is also
-    written there, keyed by the dataset's row hashes, for the `spectral` selection method.
+    a `text` row), on the rows exactly as the recorded trainer made them (with `store=`, its recorded
+    processing: chat template, masks, truncation; else SFTTrainer's defaults; `max_length` overrides).
+    Singular values come from the factored gradient in `dtype` (float64 by default), one forward and
+    one backward per batch; padding contributes nothing. With `store=` (a run's output_dir or a
+    `RunStore`) the result is also written there, keyed by the dataset's row hashes, for the
+    `spectral` selection method.
 
     `projections=("q", "k", "v", "o")` measures the same four matrices on every family, fused q/k/v
     weights split into their blocks (see `find_targets`). The model comes back as it came: the
@@ -705,7 +708,8 @@ def gradient_spectra(
     """
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"gradient_spectra: dtype must be torch.float64 or torch.float32, not {dtype}")
-    rows = _tokenized(dataset, tokenizer, max_length)
+    run_store = None if store is None else store if isinstance(store, RunStore) else RunStore.for_output_dir(store)
+    rows = _prepared_rows(dataset, tokenizer, max_length, run_store)
     pad_id = getattr(tokenizer, "pad_token_id", None)
     if pad_id is None:
         pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0

@@ -245,3 +245,20 @@ def test_trl_defaults_and_a_passed_model_comes_back_as_it_went_in(tmp_path, chat
     assert all(torch.equal(before[k], after[k]) for k in before)  # bitwise: snapshot weights were put back
     assert [m.training for m in model.modules()] == modes
     assert model.get_base_model().is_activation_checkpointing == checkpointing
+
+
+def test_spectra_with_a_store_see_the_trainers_rows(tmp_path, chat_tok, raw_pool):
+    """gradient_spectra(..., store=run) on raw `messages` rows == on the trainer's own processed rows."""
+    from hf_datasel import gradient_spectra
+
+    raw = _as("messages", raw_pool, chat_tok).select(range(6))
+    trainer = _sft_run(tmp_path, build_model(chat_tok, seed=1), chat_tok, raw, assistant_only_loss=True)
+    processed = trainer.train_dataset.sort(ROW_ID).select_columns(["input_ids", "labels"])
+    common = dict(layers=[0], projections=("q", "o"))
+    ours = gradient_spectra(trainer.model, raw, chat_tok, store=trainer.args.output_dir, **common)
+    theirs = gradient_spectra(trainer.model, processed, None, **common)
+    np.testing.assert_array_equal(ours.num_tokens, theirs.num_tokens)
+    np.testing.assert_allclose(ours.metrics["nuclear_norm"], theirs.metrics["nuclear_norm"], rtol=1e-6)
+    # without the store: SFTTrainer's defaults, which put every token of a `messages` row in the loss
+    plain = gradient_spectra(trainer.model, raw, chat_tok, **common)
+    assert (plain.num_tokens > theirs.num_tokens).all()
