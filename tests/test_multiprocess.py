@@ -31,6 +31,11 @@ COMMON = [
     "--save_steps", "3",
     "--sweep_steps", "3",
     "--snapshot_steps", "3",
+    # Adam divides by sqrt(v) + eps: with the default 1e-8 an element whose gradient is ~0 (LoRA B is 0 at step 1)
+    # takes a whole step of its rounding noise, and every later gradient through it (LoRA A's) differs by that
+    # much between the two runs. With eps above such gradients the update stays linear in them, so the two runs
+    # differ by float rounding only, which is what this module compares.
+    "--adam_epsilon", "1e-3",
 ]  # fmt: skip
 
 
@@ -85,11 +90,12 @@ def test_rows_sweep_and_snapshots_match(stores):
     snap_a, snap_b = one.load_arrays("snapshots/step-000003"), two.load_arrays("snapshots/step-000003")
     assert sorted(snap_a) == sorted(snap_b) and any(k.startswith("exp_avg_sq::") for k in snap_a)
     for key in snap_a:
-        scale = float(np.abs(snap_a[key]).max())
-        # moments: float noise of the gradients; weights: Adam's m/sqrt(v) turns rounding in a ~0 gradient into up
-        # to a whole step (lr = 1e-3), so they agree to 5 % of one step
-        atol = 5e-5 if key.startswith("param::") else 1e-3 * scale + 1e-12
-        np.testing.assert_allclose(snap_b[key], snap_a[key], rtol=1e-4, atol=atol, err_msg=key)
+        a, b = snap_a[key].astype(np.float64), snap_b[key].astype(np.float64)
+        # sums of per-row terms reduced in another order (two half batches, all-reduced): rounding is relative to
+        # the terms, not to an element that cancels to ~0, so compare each tensor against its own norm (fp32:
+        # ~1e-7 per operation, a few hundred operations deep)
+        error = np.linalg.norm(b - a) / max(np.linalg.norm(a), 1e-30)
+        assert error <= 1e-4, (key, error)
     leftovers = [p.name for p in two.path.rglob("*.tmp")]
     assert not leftovers, f"unfinished writes: {leftovers}"
 
