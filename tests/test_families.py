@@ -118,14 +118,25 @@ def test_per_sample_gradients_equal_one_row_autograd(tokenizer, family_rows, fam
     assert relative.max() <= RELATIVE_ERROR, f"relative error per row {relative.tolist()}"
 
 
-def test_dora_magnitudes_and_adapters(tokenizer, family_rows):
-    """DoRA calls its adapters on an identity matrix for a (detached) weight norm: that call is not a row."""
+@pytest.mark.parametrize(
+    "family, adapter, variant_parameter",
+    [
+        ("llama", {"target_modules": ["q_proj", "v_proj"], "use_dora": True}, "lora_magnitude_vector"),
+        ("gpt2", {"target_modules": ["wte", "wpe", "c_attn"]}, "lora_embedding_A"),
+    ],
+    ids=["dora", "lora-on-embeddings"],
+)
+def test_adapter_variants(tokenizer, family_rows, family, adapter, variant_parameter):
+    """DoRA (its adapters also applied to an identity matrix, for a detached weight norm: not a row) and LoRA
+    on embeddings (adapter weights in ParameterDicts, used by the module that holds them)."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True, init_lora_weights=False)
-    model = get_peft_model(build_family_model("llama", tokenizer, seed=0), config).eval()
+    config = LoraConfig(r=4, init_lora_weights=False, **adapter)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(build_family_model(family, tokenizer, seed=0), config).eval()
     engine = PerSampleGradients(model)
-    assert any("lora_magnitude_vector" in n for n in engine.param_names)
+    assert any(variant_parameter in n for n in engine.param_names)
     reference = _reference(model, family_rows, engine.param_names)
     grads, _, valid = engine(**_pad(family_rows, tokenizer.pad_token_id, "left"))
     got = torch.cat([grads[n].reshape(len(family_rows), -1) for n in engine.param_names], dim=1)

@@ -101,11 +101,12 @@ class PerSampleGradients:
         by_id = {id(p): n for n, p in self.params.items()}
         self.owners: list[_Owner] = []
         for path, module in model.named_modules():
-            owned = {
-                local: by_id[id(p)] for local, p in module._parameters.items() if p is not None and id(p) in by_id
-            }
+            if isinstance(module, _CONTAINERS):
+                continue  # never called: its parameters belong to the module that holds it
+            owned = {local: by_id[id(p)] for local, p in _own_parameters(module) if id(p) in by_id}
             if owned:
-                self.owners.append(_Owner(path or type(module).__name__, module, owned, _linear_layout(module)))
+                layout = _linear_layout(module) if set(owned) <= {"weight", "bias"} else None
+                self.owners.append(_Owner(path or type(module).__name__, module, owned, layout))
         self.shapes = {n: tuple(p.shape) for n, p in self.params.items()}
         self._all_params = list(model.parameters())
         self._wanted = {id(p) for p in self.params.values()}
@@ -189,6 +190,26 @@ class PerSampleGradients:
                 if remaining[name] == 0:
                     emit(name, acc.pop(name))
         return result, loss.detach(), valid
+
+
+# -- owners: the modules whose calls the hooks see -----------------------------------------
+_CONTAINERS = (nn.ParameterDict, nn.ParameterList)
+
+
+def _own_parameters(module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """(local name, parameter) of `module`'s own parameters and of the parameter containers it holds.
+
+    A container (e.g. peft's `lora_embedding_A` ParameterDict) has no forward of its own: the
+    module holding it uses its parameters in its own forward, so that module's calls are the
+    ones whose per-sample gradient accounts for them.
+    """
+    for local, p in module._parameters.items():
+        if p is not None:
+            yield local, p
+    for child_name, child in module._modules.items():
+        if isinstance(child, _CONTAINERS):
+            for local, p in child.named_parameters():
+                yield f"{child_name}.{local}", p
 
 
 # -- inputs and loss -----------------------------------------------------------------------
@@ -306,7 +327,7 @@ def _linear_grads(call: _Call, delta: torch.Tensor, batch: int, tokens: int) -> 
 def _module_grads(call: _Call, delta: torch.Tensor | None, batch: int, tokens: int) -> dict[str, torch.Tensor]:
     module = call.owner.module
     if delta is None:  # the output does not reach the loss (e.g. detached, as in DoRA's weight norm)
-        params = {local: getattr(module, local) for local in call.owner.local_to_name}
+        params = {local: module.get_parameter(local) for local in call.owner.local_to_name}
         return {local: torch.zeros(batch, *p.shape, device=p.device) for local, p in params.items()}
     _check_rows(delta, batch, tokens, f"the output of {call.owner.name} ({type(module).__name__})")
     if call.owner.layout is not None:
@@ -333,7 +354,7 @@ def _vmap_grads(call: _Call, delta: torch.Tensor, batch: int, tokens: int) -> di
             "batch × tokens) as its leading dimension, so its per-sample gradient cannot be separated"
         )
     bare = _Bare(owner.module)  # the module's forward without its hooks (e.g. transformers' input-grad hook)
-    detached = {f"inner.{local}": getattr(owner.module, local).detach() for local in owner.local_to_name}
+    detached = {f"inner.{local}": owner.module.get_parameter(local).detach() for local in owner.local_to_name}
 
     def one(rows: tuple[torch.Tensor, ...], g: torch.Tensor):
         full = list(leaves)
@@ -404,7 +425,7 @@ def _check_parameter_uses(total: torch.Tensor, calls: list[_Call], wanted: set[i
     for c in calls:
         if c.output.grad_fn is None:
             continue
-        owned = {id(getattr(c.owner.module, local)) for local in c.owner.local_to_name}
+        owned = {id(c.owner.module.get_parameter(local)) for local in c.owner.local_to_name}
         inputs = {t.grad_fn for t in tree_flatten((c.args, c.kwargs))[0] if torch.is_tensor(t) and t.grad_fn}
         for node in _walk(c.output.grad_fn, inputs):
             for child, _ in node.next_functions:
