@@ -35,7 +35,7 @@ from .features import (
     plan_batches,
     shard_batches,
 )
-from .grads import PerSampleGradients
+from .grads import PerSampleGradientError, PerSampleGradients
 from .projector import Projector, ProjectorSpec, SpecMismatchError
 from .snapshots import Snapshot, assign_snapshot, load_model, load_snapshot, load_tokenizer, snapshot_steps
 
@@ -43,6 +43,7 @@ __all__ = [
     "PRECONDITIONERS",
     "FeatureSet",
     "Featurizer",
+    "PerSampleGradientError",
     "PerSampleGradients",
     "Projector",
     "ProjectorSpec",
