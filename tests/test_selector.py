@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 
 from hf_datasel import DataSelector, RunStore, StoreError, with_row_ids
-from hf_datasel.selector import resolve_budget
+from hf_datasel.methods.base import check_params
+from hf_datasel.methods.s2l import select_s2l
+from hf_datasel.selector import parse_budget, resolve_budget
 from hf_datasel.store import atomic_path
 from tests.test_s2l import store_with_trajectories
 
@@ -30,6 +32,17 @@ def test_budget_resolution():
     for bad in (True, "10", None):
         with pytest.raises(TypeError):
             resolve_budget(bad, 10)
+    with pytest.raises(ValueError, match="give the whole number 5"):
+        resolve_budget(5.0, 10)  # the type decides: a float is a fraction, never a row count
+
+
+def test_budget_text_is_read_by_its_type():
+    assert parse_budget("1.0") == 1.0 and isinstance(parse_budget("1.0"), float)
+    assert parse_budget(" 1 ") == 1 and isinstance(parse_budget("1"), int)
+    assert resolve_budget(parse_budget("1.0"), 96) == 96 and resolve_budget(parse_budget("1"), 96) == 1
+    assert resolve_budget(parse_budget("0.25"), 96) == 24 and resolve_budget(parse_budget("500"), 600) == 500
+    with pytest.raises(ValueError, match=r"--budget must be .* a whole number >= 1"):
+        parse_budget("a fifth")
 
 
 def test_select_returns_raw_rows_in_order_with_scores(recorded):
@@ -115,3 +128,47 @@ def test_snapshot_only_store_opens_and_loss_methods_say_what_is_missing(tmp_path
     assert len(selector.select("random", 4)) == 4
     with pytest.raises(StoreError, match="no 'losses' record"):
         selector.select("loss", 4)
+
+
+def test_a_dataset_that_differs_in_any_way_is_refused(recorded):
+    dataset, out = recorded
+    appended = concatenate_datasets([dataset, dataset.select([0])])
+    swapped = dataset.select([1, 0, *range(2, 20)])
+    removed = dataset.select([i for i in range(20) if i != 5])
+    for other, fragment in (
+        (appended, "row 20 was never recorded"),
+        (swapped, r"2 of 20 recorded rows have different content \(first rows: \[0, 1\]\)"),
+        (removed, "recorded on at least 20 rows and this dataset has 19"),
+    ):
+        with pytest.raises(StoreError, match=fragment) as err:
+            DataSelector.from_run(out, dataset=other)
+        assert "allow_unrecorded_rows=True" in str(err.value)
+
+
+def test_allowed_unrecorded_rows_are_never_given_a_recorded_loss(recorded, caplog):
+    dataset, out = recorded
+    edited = dataset.map(lambda row, i: {"completion": "changed" if i == 7 else row["completion"]}, with_indices=True)
+    appended = concatenate_datasets([edited, Dataset.from_dict({"prompt": ["new"], "completion": ["row"]})])
+    selector = DataSelector.from_run(out, dataset=appended, allow_unrecorded_rows=True)
+    assert "2 row(s) count as never recorded" in caplog.text
+    chosen = selector.run("loss", budget=18, which="highest").indices
+    assert 7 not in chosen and 20 not in chosen and 3 not in chosen  # changed, appended, NaN loss
+    with pytest.raises(ValueError, match="the 18 rows"):
+        selector.run("loss", budget=19)
+    assert len(selector.select("random", 1.0)) == 21  # methods without records may still pick any row
+    shorter = DataSelector.from_run(out, dataset=dataset.select(range(10)), allow_unrecorded_rows=True)
+    assert shorter.run("loss", budget=9).indices.tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 9]  # rows 10.. dropped
+
+
+def test_method_parameters_are_checked_by_name_and_type():
+    check_params("s2l", select_s2l, {"num_clusters": 3, "stratify_by": None, "nan_policy": "zero"})
+    for params, fragment in (
+        ({"num_clusters": "abc"}, "parameter num_clusters must be a whole number, not 'abc'"),
+        ({"num_clusters": True}, "num_clusters must be a whole number"),
+        ({"nan_policy": "skip"}, "nan_policy must be one of 'drop', 'raise', 'zero'"),
+        ({"stratify_by": 3}, "stratify_by must be text or null"),
+    ):
+        with pytest.raises(ValueError, match=fragment):
+            check_params("s2l", select_s2l, params)
+    with pytest.raises(TypeError, match="takes no parameter"):
+        check_params("s2l", select_s2l, {"clusters": 3})
