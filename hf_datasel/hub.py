@@ -17,6 +17,8 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +28,7 @@ from huggingface_hub import DatasetCard, DatasetCardData
 
 from . import __version__
 from .rows import row_hashes
-from .store import library_versions
+from .store import broken_file, library_versions
 
 if TYPE_CHECKING:
     from .selector import DataSelector, SelectionRecord
@@ -71,22 +73,36 @@ def load_local_dataset(path: str | os.PathLike, split: str = SPLIT) -> Dataset:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no dataset at {path}")
-    if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-            loaded = load_from_disk(str(path))
-        else:
-            loaded = load_dataset(str(path))
-    else:
+    builder = None
+    if not path.is_dir():
         builder = _FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise ValueError(
                 f"cannot read {path.name}: give a save_to_disk folder or a {'/'.join(sorted(_FILE_BUILDERS))} file"
             )
-        loaded = load_dataset(builder, data_files=str(path))
+        if path.stat().st_size == 0:
+            raise ValueError(f"{path} is empty: a dataset needs at least one row")
+    try:
+        if builder is not None:
+            loaded = load_dataset(builder, data_files=str(path))
+        elif (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            loaded = load_from_disk(str(path))
+        else:
+            loaded = load_dataset(str(path))
+    except (FileNotFoundError, NotADirectoryError):
+        raise
+    except Exception as err:  # datasets reports a bad file from deep inside its builders: say which file
+        cause = err.__cause__ or err.__context__ or err
+        detail = " ".join(str(cause).split()) or type(cause).__name__
+        if "corresponds to no data" in detail or isinstance(cause, StopIteration):
+            raise ValueError(f"{path} has no rows: a dataset needs at least one row") from None
+        raise ValueError(f"cannot read {path}: {detail[:300]}") from None
     if isinstance(loaded, DatasetDict):
         if split not in loaded:
             raise ValueError(f"{path} has splits {sorted(loaded)}, not {split!r}")
         loaded = loaded[split]
+    if len(loaded) == 0:
+        raise ValueError(f"{path} has no rows: a dataset needs at least one row")
     return loaded
 
 
@@ -170,10 +186,30 @@ def _size_category(n: int) -> str:
     return "n>1M"
 
 
+def model_name(name_or_path: str | None) -> str | None:
+    """A model as a card names it: a Hub id or name stays, a local path becomes its folder's name.
+
+    A card is public; the path of a folder on the recording machine means nothing to its readers.
+    """
+    if not name_or_path:
+        return name_or_path
+    text = str(name_or_path)
+    local = (
+        os.path.isabs(text)
+        or text.startswith((".", "~"))
+        or "\\" in text
+        or text.count("/") > 1
+        or os.path.exists(text)
+    )
+    return Path(text.rstrip("/\\")).name if local else text
+
+
 def card_metadata(record: SelectionRecord, subset: Dataset, source_dataset: str | None = None) -> dict[str, Any]:
     """The `datasel` block of the card's YAML: method, parameters, budget, source, proxy model, versions, scores."""
     selection, manifest = record.selection, record.store_manifest or {}
-    model = manifest.get("model", {})
+    model = dict(manifest.get("model", {}))
+    if "name_or_path" in model:
+        model["name_or_path"] = model_name(model["name_or_path"])
     return {
         "method": selection.method,
         "parameters": _plain(selection.params),
@@ -297,21 +333,57 @@ def write_selection_folder(
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()):
         raise FileExistsError(f"{directory} is not empty; choose a new folder for the selection.")
-    (directory / DATA_DIR).mkdir(parents=True, exist_ok=True)
-    num_shards = max(1, math.ceil(subset.data.nbytes / MAX_SHARD_BYTES))
-    files = []
-    for i in range(num_shards):
-        name = f"{DATA_DIR}/{SPLIT}-{i:05d}-of-{num_shards:05d}.parquet"
-        subset.shard(num_shards, i, contiguous=True).to_parquet(str(directory / name))
-        files.append(name)
-    plot = None
-    scores = record.selection.scores
-    if scores is not None and _plot_scores(scores, record.selection.method, directory / PLOT_PATH):
-        plot = PLOT_PATH
-        files.append(PLOT_PATH)
-    render_card(record, subset, source_dataset, plot).save(str(directory / "README.md"))
-    files.append("README.md")
+    with _partial_folder(directory) as work:
+        (work / DATA_DIR).mkdir(parents=True)
+        num_shards = max(1, math.ceil(subset.data.nbytes / MAX_SHARD_BYTES))
+        files = []
+        for i in range(num_shards):
+            name = f"{DATA_DIR}/{SPLIT}-{i:05d}-of-{num_shards:05d}.parquet"
+            subset.shard(num_shards, i, contiguous=True).to_parquet(str(work / name))
+            files.append(name)
+        plot = None
+        scores = record.selection.scores
+        if scores is not None and _plot_scores(scores, record.selection.method, work / PLOT_PATH):
+            plot = PLOT_PATH
+            files.append(PLOT_PATH)
+        render_card(record, subset, source_dataset, plot).save(str(work / "README.md"))
+        files.append("README.md")
     return files
+
+
+@contextmanager
+def _partial_folder(directory: Path) -> Iterator[Path]:
+    """A hidden sibling folder to write into, renamed to `directory` on success.
+
+    A process killed while exporting leaves no `directory`, so running the same export again
+    just works. Its hidden leftover (and its owner file) is removed by the next export to the
+    same place once its owner is gone.
+    """
+    from .locks import LockOwner
+
+    parent = directory.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{directory.name}.partial-"
+    for sidecar in parent.glob(f"{prefix}*.owner"):
+        owner = LockOwner.parse(sidecar.read_bytes()) if sidecar.exists() else None
+        if owner is not None and owner.alive() is False:
+            shutil.rmtree(sidecar.with_suffix(""), ignore_errors=True)
+            sidecar.unlink(missing_ok=True)
+    owner = LockOwner.current()
+    work = parent / f"{prefix}{owner.token}"
+    sidecar = parent / f"{work.name}.owner"
+    sidecar.write_bytes(owner.to_bytes())
+    work.mkdir()
+    try:
+        yield work
+        os.replace(work, directory)  # an absent or empty `directory` is replaced in one step
+    except OSError as err:
+        if directory.exists() and any(directory.iterdir()):
+            raise FileExistsError(f"{directory} is not empty; choose a new folder for the selection.") from err
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        sidecar.unlink(missing_ok=True)
 
 
 def save_selection(
@@ -320,6 +392,19 @@ def save_selection(
     """Export `subset` with its card to a local folder that `datasets.load_dataset(directory)` reads back."""
     write_selection_folder(subset, directory, record, source_dataset)
     return Path(directory)
+
+
+def check_selection_files(folder: Path, parquet_files: list[str]) -> None:
+    """Raise a `StoreError` naming the first shard of a saved selection that is truncated or not parquet."""
+    import pyarrow.parquet as pq
+
+    for name in parquet_files:
+        try:
+            pq.read_metadata(folder / name)
+        except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for a torn file
+            raise broken_file(
+                folder / name, f"truncated or not parquet: {err}", "export the selection again into a new folder"
+            ) from None
 
 
 def _redact(text: str, token: str | None) -> str:
@@ -347,6 +432,7 @@ def push_folder(
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     if "README.md" not in files or not any(f.startswith(f"{DATA_DIR}/{SPLIT}-") for f in files):
         raise FileNotFoundError(f"{folder} is not a saved selection (no README.md and {DATA_DIR}/{SPLIT}-* files)")
+    check_selection_files(folder, [f for f in files if f.endswith(".parquet")])
     api = HfApi(token=token, library_name="hf_datasel", library_version=__version__)
     try:
         repo_id = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True).repo_id

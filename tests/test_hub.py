@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import traceback
@@ -14,7 +15,8 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, DatasetCa
 
 import hf_datasel
 from hf_datasel import DataSelector, RunStore
-from hf_datasel.hub import HubError, find_record
+from hf_datasel.hub import HubError, find_record, model_name
+from hf_datasel.locks import LockOwner
 from hf_datasel.rows import row_hashes
 
 TOKEN = "hf_SECRETtoken0123456789abcdefXYZ"
@@ -85,6 +87,43 @@ def test_card_describes_the_selection_that_made_the_subset(selector):
     assert find_record(selector, rebuilt).selection.params == {"seed": 1}
     with pytest.raises(ValueError, match="not returned by this selector"):
         find_record(selector, selector.dataset.select(range(10)).map(lambda r: {"task": "x"}))
+
+
+def test_cards_name_the_model_not_a_local_path(tmp_path, pool):
+    store = write_fake_store(tmp_path / "run", pool)
+    local = tmp_path / "runs" / "demo" / "proxy-init"
+    store.update_manifest(model={"name_or_path": str(local), "class": "LlamaForCausalLM", "peft": False})
+    selector = DataSelector.from_run(tmp_path / "run", dataset=pool)
+    folder = selector.save_selection(selector.select("random", 8), tmp_path / "export")
+    card = (folder / "README.md").read_text()
+    assert str(tmp_path) not in card and "name_or_path: proxy-init" in card and "`proxy-init`" in card
+    for given, named in (
+        ("Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B"),
+        ("gpt2", "gpt2"),
+        ("./models/proxy/", "proxy"),
+        ("/abs/checkpoints/m", "m"),
+        ("runs/demo/proxy-init", "proxy-init"),
+        (None, None),
+    ):
+        assert model_name(given) == named, given
+
+
+def test_a_dead_exports_leftover_is_cleaned_and_a_live_ones_kept(tmp_path, selector):
+    from tests.test_locks import dead_pid
+
+    subset = selector.select("random", budget=5)
+    out = tmp_path / "out"
+    leftover = out / ".sel.partial-dead"  # what a process killed while exporting leaves
+    (leftover / "data").mkdir(parents=True)
+    (leftover / "data" / "train-00000-of-00001.parquet").write_bytes(b"PAR1 half")
+    owner = LockOwner.current()
+    (out / ".sel.partial-dead.owner").write_bytes(dataclasses.replace(owner, pid=dead_pid()).to_bytes())
+    busy = out / ".sel.partial-busy"  # a live export to the same place is left alone
+    busy.mkdir()
+    (out / ".sel.partial-busy.owner").write_bytes(owner.to_bytes())
+    selector.save_selection(subset, out / "sel")
+    assert load_dataset(str(out / "sel"), split="train").to_list() == subset.to_list()
+    assert sorted(p.name for p in out.iterdir()) == [".sel.partial-busy", ".sel.partial-busy.owner", "sel"]
 
 
 def test_save_selection_refuses_a_non_empty_folder(tmp_path, selector):
