@@ -2,13 +2,18 @@
 
     record → featurize → select → push        (report: what a run store holds; demo: all of it on CPU)
 
-User errors (bad paths, a store that does not match the dataset, a budget out of range) end
-with one line `error: ...` on stderr and exit status 2, never a Python traceback.
+User errors (bad paths, a store that does not match the dataset, a budget out of range, a
+broken store file) end with one line `error: ...` on stderr and exit status 2, never a Python
+traceback; the library's warnings are `warning: ...` lines.
+
+This module imports only the standard library and typer: `--help`, `--version` and argument
+errors answer at once, and each command imports what it needs (torch, datasets, ...) when it runs.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import subprocess
@@ -19,6 +24,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from . import __version__
 
 app = typer.Typer(
     name="hf-datasel",
@@ -33,26 +40,45 @@ USER_ERROR = 2
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn the library's errors about its inputs into `error: <reason>` and exit status 2."""
-    from .featurize.projector import SpecMismatchError
-    from .hub import HubError
-    from .store import StoreError
+    """Turn the library's errors about its inputs into `error: <reason>` and exit status 2.
 
-    try:
-        yield
-    except (
+    `StoreError` (a broken or mismatched store file, a lock timeout) and `SpecMismatchError` are
+    `ValueError`s; `HubError` is looked up only when `hf_datasel.hub` was imported (it raised then).
+    """
+    user_types: list[type[BaseException]] = [
         ValueError,
         TypeError,
-        StoreError,
-        SpecMismatchError,
         FileNotFoundError,
         FileExistsError,
         NotADirectoryError,
-        HubError,
-    ) as err:
+        IsADirectoryError,
+        PermissionError,
+    ]
+    try:
+        yield
+    except Exception as err:
+        hub = sys.modules.get("hf_datasel.hub")
+        if hub is not None:
+            user_types.append(hub.HubError)
+        if not isinstance(err, tuple(user_types)):
+            raise
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         typer.echo(f"error: {reason}", err=True)
         raise typer.Exit(USER_ERROR) from None
+
+
+class _StderrLines(logging.Handler):
+    """Each log record as one `warning: ...` line on the current stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.echo(f"{record.levelname.lower()}: {' '.join(record.getMessage().split())}", err=True)
+
+
+def _library_messages_on_stderr() -> None:
+    """Show the library's warnings (stale lock taken over, waiting for a lock, ...) as `warning: ...` lines."""
+    logger = logging.getLogger("hf_datasel")
+    if not any(isinstance(h, _StderrLines) for h in logger.handlers):
+        logger.addHandler(_StderrLines(logging.WARNING))
 
 
 def _load(path: str, split: str = "train"):
@@ -93,8 +119,18 @@ def _shard(text: str | None) -> tuple[int, int] | None:
     return int(index), int(count)
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"hf-datasel {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_show_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
     """Instruction-tuning data selection for Hugging Face training runs: record → select → train.
 
     A typical session (run any step with --help for its options):
@@ -104,13 +140,22 @@ def _root() -> None:
       hf-datasel report runs/warmup
       hf-datasel select runs/warmup pool.jsonl --method s2l --budget 0.2 --out subsets/s2l
       hf-datasel push subsets/s2l me/pool-s2l --private
+
+    A budget (-b) is a fraction when it is written with a decimal point (0.2, 1.0 = the whole dataset)
+    and a row count when it is a whole number (500).
     """
+    _library_messages_on_stderr()
 
 
 # -- record -----------------------------------------------------------------------------------------
 def default_recipe() -> Path:
-    """The warmup recording recipe of a source checkout (`recipes/record_warmup.py`)."""
-    return Path(__file__).resolve().parent.parent / "recipes" / "record_warmup.py"
+    """The warmup recording recipe: shipped in the package (`hf_datasel/recipes/`, from a wheel), else the
+    checkout's `recipes/record_warmup.py`."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "recipes", here.parent / "recipes"):
+        if (folder / "record_warmup.py").exists():
+            return folder / "record_warmup.py"
+    return here / "recipes" / "record_warmup.py"
 
 
 def launch_command(recipe: Path, args: list[str], num_processes: int, cpu: bool, config_file: str | None) -> list[str]:
@@ -134,7 +179,7 @@ def launch_command(recipe: Path, args: list[str], num_processes: int, cpu: bool,
 def record(
     ctx: typer.Context,
     recipe: Annotated[
-        Path | None, typer.Option(help="Recipe script (default: recipes/record_warmup.py of this checkout).")
+        Path | None, typer.Option(help="Recipe script (default: record_warmup.py, shipped with hf_datasel).")
     ] = None,
     num_processes: int = typer.Option(1, "--num-processes", "-n", help="Processes (GPUs) to record with."),
     cpu: bool = typer.Option(False, help="Several CPU processes (torchrun, gloo) instead of GPUs."),
@@ -178,7 +223,7 @@ def featurize(
     """Per-sample gradient features of a dataset at every snapshot, cached in the run store."""
     with user_errors():
         from .featurize import gradient_features
-        from .store import RunStore
+        from .store import RunStore, StoreError
 
         if not Path(run_dir).is_dir():
             raise FileNotFoundError(f"no run at {run_dir}")
@@ -196,6 +241,8 @@ def featurize(
             shard=_shard(shard),
             progress=True,
         )
+        if sets is None and shard is None:  # an unsharded call always finishes (or raises)
+            raise StoreError(f"features of {dataset} were not merged; run the same command again")
     if sets is None:
         typer.echo(f"shard {shard} done; the features are merged when the last shard finishes")
         return
@@ -206,7 +253,7 @@ def featurize(
     for column in ("snapshot", "weight", "dim", "undefined rows"):
         table.add_column(column)
     for fs in sets:
-        undefined = int(len(rows) - len(fs.valid_rows()))
+        undefined = int((~fs.valid_rows()).sum())  # NaN norm: no label tokens or a non-finite loss
         table.add_row(str(fs.step), f"{fs.weight:.3f}", str(fs.spec.k), str(undefined))
     Console().print(table)
     for fs in sets:
@@ -219,7 +266,13 @@ def select(
     run_dir: str = typer.Argument(..., help="The recorded run's output_dir (holds datasel/)."),
     dataset: str = typer.Argument(..., help="The raw dataset the run trained on: folder or json/jsonl/parquet/csv."),
     method: str = typer.Option(..., "--method", "-m", help="s2l, loss, random, less, g2is, spectral, ..."),
-    budget: float = typer.Option(..., "--budget", "-b", help="A fraction in (0, 1), or a whole number of rows."),
+    budget: str = typer.Option(
+        ...,
+        "--budget",
+        "-b",
+        help="A fraction in (0, 1] written with a decimal point (0.2; 1.0 is the whole dataset), "
+        "or a whole number of rows (500).",
+    ),
     out: str = typer.Option(..., "--out", "-o", help="New folder for the subset (data/train-*.parquet + README)."),
     seed: int = typer.Option(0),
     param: Annotated[
@@ -229,6 +282,11 @@ def select(
     with_scores: bool = typer.Option(False, help="Add a datasel_score column."),
     source_name: str = typer.Option(None, help="Name of the source dataset for the card (e.g. a Hub id)."),
     split: str = typer.Option("train", help="Split, when the dataset has several."),
+    allow_unrecorded_rows: bool = typer.Option(
+        False,
+        help="Select even when the dataset differs from the recorded one (changed or appended rows): "
+        "those rows count as never recorded.",
+    ),
 ) -> None:
     """Choose a subset of a raw dataset from a recorded run and write it with its dataset card."""
     from rich.console import Console
@@ -236,16 +294,24 @@ def select(
     console = Console(stderr=True)
     out = Path(out)
     with user_errors():
-        from .selector import DataSelector
-
-        if out.exists() and any(out.iterdir()):
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise FileExistsError(f"{out} is not empty; choose a new folder for the subset")
-        count: float | int = int(budget) if budget >= 1 and float(budget).is_integer() else budget
-        raw = _load(dataset, split)
+        from .methods import get_method
+        from .methods.base import required_parameters
+        from .selector import DataSelector, parse_budget
+
+        count = parse_budget(budget)
         params = _parse_params(param or [])
+        needed = required_parameters(get_method(method))
+        if "targets" in needed and targets is None:
+            raise ValueError(f"method {method!r} needs --targets: the target rows (folder or json/jsonl/parquet/csv)")
+        missing = [n for n in needed if n not in params and n != "targets"]
+        if missing:
+            raise ValueError(f"method {method!r} needs -p {missing[0]}=VALUE")
+        raw = _load(dataset, split)
         if targets is not None:
             params["targets"] = _load(targets, split)
-        selector = DataSelector.from_run(run_dir, dataset=raw)
+        selector = DataSelector.from_run(run_dir, dataset=raw, allow_unrecorded_rows=allow_unrecorded_rows)
         with console.status(f"selecting with {method}…"):
             subset = selector.select(method, budget=count, seed=seed, with_scores=with_scores, **params)
         selector.save_selection(subset, out, source_dataset=source_name or Path(dataset).name)
@@ -409,7 +475,7 @@ def push(
 def demo(
     output_dir: str = typer.Option("runs/demo", help="Where the runs, the store and results.json go."),
     pool_size: int = typer.Option(2000, min=50, help="Rows in the synthetic pool."),
-    budget: float = typer.Option(0.2, min=0.0, max=1.0, help="Fraction of the pool to select."),
+    budget: float = typer.Option(0.2, min=0.0, max=1.0, help="Fraction of the pool to select, in (0, 1]."),
     large_steps: int = typer.Option(300, min=1, help="Training steps of the large model on each subset."),
     seed: int = typer.Option(0),
 ) -> None:
@@ -420,6 +486,7 @@ def demo(
         run_demo(
             DemoConfig(output_dir=output_dir, pool_size=pool_size, budget=budget, large_steps=large_steps, seed=seed)
         )
+    typer.echo(f"results: {Path(output_dir) / 'results.json'}")
 
 
 # -- bench (owned by hf_datasel/bench) -----------------------------------------------------------------
@@ -433,6 +500,7 @@ _mount_bench()
 
 
 def main() -> None:
+    """The `hf-datasel` console script."""
     app()
 
 

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from datasets import load_dataset
+from datasets import concatenate_datasets, load_dataset
 from typer.testing import CliRunner
 
 from hf_datasel import DataSelector
@@ -256,3 +256,68 @@ def test_featurize_in_shards_equals_one_pass(tmp_path, tokenizer, pool):
     (b,) = (tmp_path / "b" / "run").rglob("unit.npy")
     np.testing.assert_array_equal(np.load(a), np.load(b))
     assert_user_error(invoke("featurize", tmp_path / "b" / "run", *common, "--shard", "2/2"), "--shard expects i/n")
+
+
+def test_the_cli_starts_without_torch_transformers_trl_or_datasets():
+    heavy = ("torch", "transformers", "trl", "datasets")
+    code = (
+        "import sys\n"
+        "import hf_datasel, hf_datasel.cli as cli\n"
+        "for argv in (['--help'], ['--version'], ['select', '--help']):\n"
+        "    try:\n"
+        "        cli.app(argv, prog_name='hf-datasel')\n"
+        "    except SystemExit as done:\n"
+        "        assert done.code == 0, (argv, done.code)\n"
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("[]"), done.stdout
+    assert "hf-datasel 0.1.0" in done.stdout and "whole number of rows" in done.stdout
+
+
+def test_budget_one_point_zero_is_the_whole_dataset_and_one_is_one_row(run):
+    whole = invoke("select", run / "run", run / "pool.jsonl", "-m", "random", "-b", "1.0", "-o", run / "all")
+    assert whole.exit_code == 0 and "random: 96 of 96 rows" in whole.stdout, whole.output
+    one = invoke("select", run / "run", run / "pool.jsonl", "-m", "random", "-b", "1", "-o", run / "one")
+    assert one.exit_code == 0 and "random: 1 of 96 rows" in one.stdout, one.output
+    for budget, fragment in (("5.0", "give the whole number 5"), ("abc", "--budget must be"), ("0", "out of range")):
+        bad = invoke("select", run / "run", run / "pool.jsonl", "-m", "random", "-b", budget, "-o", run / "x")
+        assert_user_error(bad, fragment)
+
+
+@pytest.mark.parametrize(
+    "extra, fragments",
+    [
+        (["-m", "s2l", "-p", "num_clusters=abc"], ["parameter num_clusters must be a whole number, not 'abc'"]),
+        (
+            ["-m", "loss", "-p", "which=sideways"],
+            ["parameter which must be one of 'highest', 'lowest', 'middle', not 'sideways'"],
+        ),
+        (["-m", "less"], ["method 'less' needs --targets"]),
+        (["-m", "g2is"], ["method 'g2is' needs --targets"]),
+    ],
+)
+def test_bad_method_parameters_name_the_parameter(run, extra, fragments):
+    result = invoke("select", run / "run", run / "pool.jsonl", "-b", "0.2", "-o", run / "out", *extra)
+    assert_user_error(result, *fragments)
+
+
+def test_an_empty_dataset_file_is_one_line(run):
+    (run / "empty.jsonl").write_text("")
+    (run / "header.csv").write_text("prompt,completion\n")
+    for name, fragment in (("empty.jsonl", "is empty"), ("header.csv", "has no rows")):
+        result = invoke("select", run / "run", run / name, "-m", "random", "-b", "0.2", "-o", run / "out")
+        assert_user_error(result, name, fragment)
+
+
+def test_rows_appended_after_recording_are_refused_unless_allowed(run, pool):
+    longer = concatenate_datasets([pool, pool.select([0])])
+    longer.to_json(run / "longer.jsonl")
+    common = ["select", run / "run", run / "longer.jsonl", "-m", "random", "-b", "1.0"]
+    assert_user_error(invoke(*common, "-o", run / "refused"), "row 96 was never recorded", "--allow-unrecorded")
+    allowed = invoke(*common, "-o", run / "allowed", "--allow-unrecorded-rows")
+    assert allowed.exit_code == 0, allowed.output
+    assert "warning: " in allowed.stderr and "1 row(s) count as never recorded" in allowed.stderr
+    loss = invoke(*common[:3], "-m", "loss", "-b", "97", "-o", run / "loss", "--allow-unrecorded-rows")
+    assert_user_error(loss, "96 rows")  # the appended row has no loss: loss-based methods cannot pick it
