@@ -7,6 +7,7 @@ CPU, in seconds. CI runs the `--tiny` mode.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
@@ -16,7 +17,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from accelerate import PartialState  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainingArguments  # noqa: E402
+
+CHECKPOINTING_FLAG = (
+    "activation_checkpointing"
+    if any(f.name == "activation_checkpointing" for f in dataclasses.fields(TrainingArguments))
+    else "gradient_checkpointing"
+)
 
 # Training defaults of the tiny CPU mode (any of them can still be given on the command line).
 TINY_TRAINING_DEFAULTS = dict(
@@ -26,7 +33,7 @@ TINY_TRAINING_DEFAULTS = dict(
     max_length=32,
     bf16=False,
     use_cpu=True,
-    gradient_checkpointing=False,
+    **{CHECKPOINTING_FLAG: False},  # the name this transformers has (the old one warns)
     report_to="none",
     save_strategy="no",
     logging_steps=1,
@@ -111,6 +118,8 @@ def parse_steps(text: str | None) -> list[int] | str | None:
     return [int(s) for s in text.split(",") if s.strip()]
 
 
-def as_budget(value: float) -> float | int:
-    """A budget from the command line: a whole number >= 1 is a row count, anything else a fraction."""
-    return int(value) if value >= 1 and float(value).is_integer() else value
+def as_budget(text: str) -> float | int:
+    """A budget from the command line, read by its type: `0.2` and `1.0` are fractions, `500` is 500 rows."""
+    from hf_datasel.selector import parse_budget
+
+    return parse_budget(text)

@@ -36,7 +36,10 @@ class LessArguments:
 
     targets: str | None = field(default=None, metadata={"help": "Target (validation) rows: path or Hub id."})
     target_task_column: str = field(default="task", metadata={"help": "Column grouping targets into tasks."})
-    budget: float = field(default=0.05, metadata={"help": "Fraction (or row count) of the pool to keep."})
+    budget: str = field(
+        default="0.05",
+        metadata={"help": "A fraction in (0, 1] with a decimal point (1.0 = all rows), or a whole number of rows."},
+    )
     projection_dim: int = field(default=8192)
     projection_seed: int = field(default=0)
     projection: str = field(default="sparse", metadata={"help": "sparse, rademacher or gaussian."})

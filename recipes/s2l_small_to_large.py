@@ -33,7 +33,10 @@ class S2LArguments:
     dataset_split: str = field(default="train")
     tiny: bool = field(default=False, metadata={"help": "Tiny Llamas and the synthetic pool, on CPU."})
     pool_size: int = field(default=96)
-    budget: float = field(default=0.3, metadata={"help": "Fraction (or row count) of the pool to keep."})
+    budget: str = field(
+        default="0.3",
+        metadata={"help": "A fraction in (0, 1] with a decimal point (1.0 = all rows), or a whole number of rows."},
+    )
     num_clusters: int = field(default=100, metadata={"help": "k-means clusters of the loss trajectories."})
     proxy_epochs: float = field(default=1.0)
     sweeps: int = field(default=4, metadata={"help": "Loss sweeps (trajectory length) over the proxy run."})

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
 from trl import SFTConfig
+
+# transformers 5.24 renamed `gradient_checkpointing` to `activation_checkpointing` (the old name warns);
+# setting the name this transformers has keeps the library's own defaults free of warnings.
+CHECKPOINTING_FLAG = (
+    "activation_checkpointing"
+    if any(f.name == "activation_checkpointing" for f in dataclasses.fields(SFTConfig))
+    else "gradient_checkpointing"
+)
 
 
 def tiny_sft_config(output_dir: str | os.PathLike, **overrides) -> SFTConfig:
@@ -22,7 +31,7 @@ def tiny_sft_config(output_dir: str | os.PathLike, **overrides) -> SFTConfig:
         report_to=[],
         bf16=False,
         use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=False,
+        **{CHECKPOINTING_FLAG: False},
         max_length=48,
         save_strategy="no",
         disable_tqdm=True,
