@@ -399,12 +399,18 @@ def spectral(
 
 # -- report -----------------------------------------------------------------------------------------------
 def store_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """What a run store holds: model, training, loss records, sweeps, snapshots, features, spectra."""
-    from .featurize.snapshots import snapshot_steps
-    from .store import RunStore
+    """What a run store holds: model, training, loss records, sweeps, snapshots, features, spectra.
+
+    Read from the store's JSON files alone (no torch), so it answers at once.
+    """
+    from .store import RunStore, read_json
 
     store = RunStore.for_output_dir(run_dir)
     manifest = store.manifest
+    index = store.path / "snapshots" / "index.json"
+    snapshot_entries = []
+    if index.exists():
+        snapshot_entries = read_json(index, "record the run again with SnapshotCallback").get("snapshots", [])
     summary: dict[str, Any] = {
         "store": str(store.path),
         "model": manifest.get("model", {}).get("name_or_path"),
@@ -414,7 +420,7 @@ def store_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
         "nonfinite_losses": manifest.get("recorded", {}).get("nonfinite_losses"),
         "last_step": manifest.get("recorded", {}).get("last_step"),
         "sweep_steps": manifest.get("recorded", {}).get("sweep_steps", []),
-        "snapshot_steps": snapshot_steps(store),
+        "snapshot_steps": [e["step"] for e in snapshot_entries],
         "feature_sets": sorted(
             str(p.parent.relative_to(store.path)) for p in (store.path / "features").rglob("meta.json")
         )
