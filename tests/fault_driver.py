@@ -8,7 +8,7 @@ At the fault point the process writes FAULT_MARKER and sleeps; the test then kil
 
     step:N    training, at the end of global step N (after the recorder's work for that step)
     sweep:N   training, as the loss sweep at step N starts
-    batch:N   featurizing, after the N-th batch's arrays were flushed, before it is logged as done
+    batch:N   featurizing, once the N-th batch is written to the arrays (not yet logged as done)
     merge     featurizing, inside the shard merge (merge.lock held, nothing merged yet)
     card      exporting a selection, after the parquet shards, before the dataset card
 """
@@ -50,15 +50,15 @@ def install(fault: str) -> None:
     elif kind == "batch":
         from hf_datasel.featurize import features
 
-        original, calls = features._mark_done, []
+        original, calls = features._write_batch, []
 
-        def mark_done(folder, batch):
-            calls.append(batch)
+        def write_batch(*args, **kwargs):
+            original(*args, **kwargs)
+            calls.append(1)
             if len(calls) == int(arg):
                 stop_here()
-            original(folder, batch)
 
-        features._mark_done = mark_done
+        features._write_batch = write_batch
     elif kind == "merge":
         from hf_datasel.featurize import features
 
