@@ -222,11 +222,13 @@ def featurize(
 ) -> None:
     """Per-sample gradient features of a dataset at every snapshot, cached in the run store."""
     with user_errors():
+        if not Path(run_dir).is_dir():
+            raise FileNotFoundError(f"no run at {run_dir}")
+        if not Path(dataset).exists():
+            raise FileNotFoundError(f"no dataset at {dataset}")
         from .featurize import gradient_features
         from .store import RunStore, StoreError
 
-        if not Path(run_dir).is_dir():
-            raise FileNotFoundError(f"no run at {run_dir}")
         store = RunStore.for_output_dir(run_dir)
         rows = _load(dataset, split)
         sets = gradient_features(
@@ -296,6 +298,12 @@ def select(
     with user_errors():
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise FileExistsError(f"{out} is not empty; choose a new folder for the subset")
+        for path in (dataset, targets):
+            if path is not None and not Path(path).exists():
+                raise FileNotFoundError(f"no dataset at {path}")
+        from .store import RunStore
+
+        RunStore.for_output_dir(run_dir).manifest  # noqa: B018 - no or a broken store: said before the slow imports
         from .methods import get_method
         from .methods.base import required_parameters
         from .selector import DataSelector, parse_budget
