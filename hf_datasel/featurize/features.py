@@ -43,16 +43,63 @@ from ..model_state import plain_forward
 from ..record.snapshot import read_snapshot_index
 from ..store import RunStore, StoreError, atomic_path, write_json
 from .grads import PerSampleGradients
-from .projector import Projector, ProjectorKind, ProjectorSpec
+from .projector import SKETCH_KINDS, Projector, ProjectorKind, ProjectorSpec
 from .snapshots import Snapshot, assign_snapshot, load_model, load_snapshot, load_tokenizer, snapshot_steps
 
-Preconditioner = Literal["none", "adam", "adam_reference"]
-PRECONDITIONERS = ("none", "adam", "adam_reference")
+Preconditioner = Literal["none", "adam", "adam_reference", "adam_factored"]
+PRECONDITIONERS = ("none", "adam", "adam_reference", "adam_factored")
 FEATURES_DIR = "features"
 DONE_LOG = "done.log"
+# A 2-D weight's gradient is sketched from its factors (never formed) when d0·d1 ≥ this × k·log2(k):
+# where the FFTs of the factored sketch cost less than forming the gradient (measured on CPU, see
+# `hf-datasel bench perf`).
+FACTOR_RATIO = 5.0
 
 
 # -- Adam preconditioning -------------------------------------------------------------
+@dataclass(frozen=True)
+class AdamConstants:
+    """A per-sample Adam direction is `(a1·g + m) / (sqrt(a2·g² + v) + eps)`: these are a1, m, a2, v, eps.
+
+    Folding the bias corrections (and the reference form's ε inside the root) into them makes the
+    direction a few in-place passes over a freshly computed gradient block.
+    """
+
+    a1: float
+    m: torch.Tensor
+    a2: float
+    v: torch.Tensor
+    eps: float
+
+    @classmethod
+    def create(cls, exp_avg, exp_avg_sq, step: int, betas, eps: float, form: str = "adam") -> AdamConstants:
+        beta1, beta2 = betas
+        if form == "adam_reference":  # LESS's code: m'/sqrt(v' + 1e-8), no bias correction
+            return cls(1 - beta1, exp_avg * beta1, 1 - beta2, exp_avg_sq * beta2 + 1e-8, 0.0)
+        if form not in ("adam", "adam_factored"):
+            raise ValueError(f"Adam form must be 'adam' or 'adam_reference', not {form!r}")
+        t = int(step) + 1
+        c1, c2 = 1 - beta1**t, 1 - beta2**t
+        return cls((1 - beta1) / c1, exp_avg * (beta1 / c1), (1 - beta2) / c2, exp_avg_sq * (beta2 / c2), eps)
+
+    def apply_(self, g: torch.Tensor) -> torch.Tensor:
+        """The direction of each row of `g` (B, *shape), computed in place in `g` (one temporary, 5 passes)."""
+        denominator = torch.addcmul(self.v, g, g, value=self.a2).sqrt_()
+        if self.eps:
+            denominator.add_(self.eps)
+        return torch.add(self.m, g, alpha=self.a1, out=g).div_(denominator)
+
+    def factored_scale(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ρ, γ) with `1/(sqrt(v) + eps) ≈ ρ_i γ_j` for a 2-D weight (Adafactor's rank-1 second moment).
+
+        `V = (sqrt(v) + eps)²` is replaced by `r cᵀ / ΣV` (r, c its row and column sums), the
+        per-sample `a2·g²` term is dropped: an approximation, exact when V is rank one.
+        """
+        second = (self.v.sqrt() + self.eps).square()
+        rows, cols, total = second.sum(1), second.sum(0), second.sum()
+        return rows.rsqrt(), cols.rsqrt() * total.sqrt()
+
+
 def adam_precondition(
     grad: torch.Tensor,
     exp_avg: torch.Tensor,
@@ -68,19 +115,7 @@ def adam_precondition(
     step `t = step + 1`: `m'/(1-β1^t) / (sqrt(v'/(1-β2^t)) + eps)`. Form "adam_reference" is the LESS
     reference code: `m' / sqrt(v' + 1e-8)` (no bias correction, epsilon inside the root).
     """
-    beta1, beta2 = betas
-    g = grad.float()
-    if form == "adam_reference":
-        m = torch.add(exp_avg * beta1, g, alpha=1 - beta1)  # (B, *shape)
-        v = torch.addcmul(exp_avg_sq * beta2, g, g, value=1 - beta2)
-        return m.div_(v.add_(1e-8).sqrt_())
-    if form != "adam":
-        raise ValueError(f"Adam form must be 'adam' or 'adam_reference', not {form!r}")
-    t = int(step) + 1
-    c1, c2 = 1 - beta1**t, 1 - beta2**t  # bias corrections folded into the constants: fewer passes over (B, P)
-    m_hat = torch.add(exp_avg * (beta1 / c1), g, alpha=(1 - beta1) / c1)
-    v_hat = torch.addcmul(exp_avg_sq * (beta2 / c2), g, g, value=(1 - beta2) / c2)
-    return m_hat.div_(v_hat.sqrt_().add_(eps))
+    return AdamConstants.create(exp_avg, exp_avg_sq, step, betas, eps, form).apply_(grad.float().clone())
 
 
 # -- the batch featurizer ---------------------------------------------------------------
@@ -89,11 +124,15 @@ class Featurizer:
 
     The model is used in place (eval mode, activation checkpointing off); `gradient_features`
     hands a model it was given back as it came. One forward and one backward per batch (see
-    `grads.PerSampleGradients`). When the batch's per-sample gradients fit in `fuse_bytes`
-    (B × P floats; LoRA adapters usually do) they are gathered into one (B, P) buffer and
-    preconditioned and projected in a few large operations; otherwise each parameter's block is
-    preconditioned and projected as soon as it is ready, so only one (B, *shape) block is alive
-    at a time.
+    `grads.PerSampleGradients`). Each parameter's per-sample gradient block is preconditioned in
+    place and projected as soon as it is complete, while it is still in cache (only one block is
+    alive at a time); when the whole batch's gradients are small (B × P floats ≤ `fuse_bytes`, LoRA
+    adapters usually) they are gathered and handled in a few large operations instead.
+
+    With the "tensor" projector and preconditioner "none" or "adam_factored", large 2-D weights
+    (d0·d1 ≥ FACTOR_RATIO·k·log2 k) are never formed: their sketch is computed from the
+    per-token factors (`Projector.add_factored`). "adam_factored" is an approximation of "adam"
+    (Adafactor-style second moments, see `AdamConstants.factored_scale`; 1-D parameters exact).
     """
 
     def __init__(
@@ -101,24 +140,30 @@ class Featurizer:
         model: torch.nn.Module,
         spec: ProjectorSpec,
         device: str | torch.device | None = None,
-        fuse_bytes: int = 1 << 28,
+        fuse_bytes: int = 1 << 23,
     ):
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         for module in model.modules():  # recomputed forwards would fire the capture hooks twice
             if getattr(module, "gradient_checkpointing", False) is True:
                 module.gradient_checkpointing = False
         self.model = model.to(self.device).eval()
-        self.spec = spec
         self.engine = PerSampleGradients(self.model, spec.param_names)
-        shapes = dict(zip(spec.param_names, spec.param_shapes))
-        if self.engine.shapes != shapes:
+        if self.engine.shapes != dict(zip(spec.param_names, spec.param_shapes)):
             raise ValueError("the model's trainable parameter shapes differ from the projector spec's")
-        self.projector = Projector(spec, self.device)
         self.preconditioner: Preconditioner = "none"
         self.fuse_bytes = fuse_bytes
         self._snapshot: Snapshot | None = None
-        self._moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._flat_moments: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.spec = spec  # builds the projector and the per-parameter plan
+
+    @property
+    def spec(self) -> ProjectorSpec:
+        return self._spec
+
+    @spec.setter
+    def spec(self, spec: ProjectorSpec) -> None:
+        self._spec = spec
+        self.projector = Projector(spec, self.device)
+        self._configure()
 
     def set_snapshot(self, snapshot: Snapshot | None, preconditioner: Preconditioner = "none") -> None:
         """Load `snapshot`'s weights into the model and use its moments for `preconditioner`."""
@@ -126,55 +171,103 @@ class Featurizer:
             raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, not {preconditioner!r}")
         if snapshot is not None:
             assign_snapshot(self.model, snapshot)
-        self._moments, self._flat_moments = {}, None
-        if preconditioner != "none":
-            if snapshot is None or snapshot.exp_avg is None:
-                raise StoreError(
-                    "Adam-preconditioned features need the snapshot's Adam moments; the run's optimizer kept none "
-                    "(use an Adam/AdamW optimizer, or preconditioner='none')."
-                )
-            self._moments = {
-                n: (snapshot.exp_avg[n].to(self.device), snapshot.exp_avg_sq[n].to(self.device))
-                for n in self.spec.param_names
-            }
+        if preconditioner != "none" and (snapshot is None or snapshot.exp_avg is None):
+            raise StoreError(
+                "Adam-preconditioned features need the snapshot's Adam moments; the run's optimizer kept none "
+                "(use an Adam/AdamW optimizer, or preconditioner='none')."
+            )
         self.preconditioner = preconditioner
         self._snapshot = snapshot
+        self._configure()
+
+    def _configure(self) -> None:
+        """Per parameter: Adam constants, factored scales and which weights are sketched from factors."""
+        snap, form = self._snapshot, self.preconditioner
+        self._adam, self._flat_adam, self._scaled, self._constant = {}, None, {}, None
+        factored_ok = self.spec.kind == "tensor" and form in ("none", "adam_factored")
+        linear = {o.local_to_name["weight"] for o in self.engine.owners if o.layout and "weight" in o.local_to_name}
+        threshold = FACTOR_RATIO * self.spec.k * math.log2(max(2, self.spec.k))
+        self.engine.factored = frozenset(
+            n for n, s in zip(self.spec.param_names, self.spec.param_shapes)
+            if factored_ok and n in linear and len(s) == 2 and s[0] * s[1] >= threshold
+        )  # fmt: skip
+        if form == "none":
+            return
+        step = snap.optimizer_step or 0
+        for name in self.spec.param_names:
+            m, v = snap.exp_avg[name].to(self.device), snap.exp_avg_sq[name].to(self.device)
+            self._adam[name] = AdamConstants.create(m, v, step, snap.betas, snap.eps, form)
+        if form != "adam_factored":
+            return
+        constant = self.projector.new_output(1)
+        for name, shape in zip(self.spec.param_names, self.spec.param_shapes):
+            if len(shape) != 2:
+                continue
+            c = self._adam[name]
+            rho, gamma = c.factored_scale()
+            scale = rho[:, None] * gamma[None, :]
+            self._scaled[name] = (rho * c.a1, gamma, scale * c.a1, c.m * scale)
+            if name in self.engine.factored:  # the sample-independent part, sketched once
+                self.projector.add(constant, name, (c.m * scale)[None])
+        self._constant = constant
+
+    def _precondition_(self, name: str, grads: torch.Tensor) -> torch.Tensor:
+        if self.preconditioner == "none":
+            return grads
+        if name in self._scaled:  # adam_factored, 2-D: (a1·ρ γᵀ) ⊙ g + m ⊙ ρ γᵀ
+            _, _, multiplier, offset = self._scaled[name]
+            return grads.mul_(multiplier).add_(offset)
+        return self._adam[name].apply_(grads)
 
     def batch_features(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(features (B, k) float32, per-sample loss (B,), valid (B,)) for one padded batch."""
         batch = {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
         size = batch["input_ids"].shape[0]
-        snap = self._snapshot
-        step = (snap.optimizer_step or 0) if snap is not None else 0
-        if size * self.spec.num_params * 4 <= self.fuse_bytes:
-            buffer = torch.empty(size, self.spec.num_params, device=self.device)
-            offsets = self.projector.offsets
-
-            def gather(name: str, grads: torch.Tensor) -> None:
-                start = offsets[name]
-                buffer[:, start : start + grads[0].numel()] = grads.reshape(size, -1)
-
-            _, loss, valid = self.engine(batch["input_ids"], batch["attention_mask"], batch["labels"], consume=gather)
-            if self.preconditioner != "none":
-                if self._flat_moments is None:  # built on first use: only the fused path needs them
-                    names = self.spec.param_names
-                    self._flat_moments = tuple(
-                        torch.cat([self._moments[n][i].reshape(-1) for n in names]) for i in (0, 1)
-                    )
-                m, v = self._flat_moments
-                buffer = adam_precondition(buffer, m, v, step, snap.betas, snap.eps, self.preconditioner)
-            return self.projector.project_flat(buffer), loss, valid
-
-        out = self.projector.new_output(size)
+        inputs = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+        small = size * self.spec.num_params * 4 <= self.fuse_bytes
+        if small and not self.engine.factored and self.preconditioner != "adam_factored":
+            return self._fused_features(size, inputs)
+        projector = self.projector
+        out = projector.new_output(size)
+        signed = projector.signed_output(size) if self.spec.kind in SKETCH_KINDS else None
 
         def consume(name: str, grads: torch.Tensor) -> None:
-            if self.preconditioner != "none":
-                m, v = self._moments[name]
-                grads = adam_precondition(grads, m, v, step, snap.betas, snap.eps, self.preconditioner)
-            self.projector.add(out, name, grads)
+            grads = self._precondition_(name, grads)
+            if signed is not None:
+                projector.add_signed(signed, name, grads)
+            else:
+                projector.add(out, name, grads)
 
-        _, loss, valid = self.engine(batch["input_ids"], batch["attention_mask"], batch["labels"], consume=consume)
+        def consume_factors(name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+            if name in self._scaled:  # adam_factored: ρ and a1 on the row factor, γ on the column factor
+                row_scale, col_scale, _, _ = self._scaled[name]
+                a, b = a * row_scale, b * col_scale
+            projector.add_factored(out, name, a, b)
+
+        _, loss, valid = self.engine(*inputs, consume=consume, consume_factors=consume_factors)
+        if signed is not None:
+            out += projector.finish_signed(signed)
+        if self._constant is not None:
+            out += self._constant
         return out, loss, valid
+
+    def _fused_features(self, size: int, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Small models: gather the batch's (B, P) gradients, then precondition and project them at once."""
+        buffer = torch.empty(size, self.spec.num_params, device=self.device)
+        offsets = self.projector.offsets
+
+        def gather(name: str, grads: torch.Tensor) -> None:
+            start = offsets[name]
+            buffer[:, start : start + grads[0].numel()] = grads.reshape(size, -1)
+
+        _, loss, valid = self.engine(*inputs, consume=gather)
+        if self.preconditioner != "none":
+            if self._flat_adam is None:  # the per-parameter constants as one flat set, built on first use
+                parts = [self._adam[n] for n in self.spec.param_names]
+                flat = {key: torch.cat([getattr(c, key).reshape(-1) for c in parts]) for key in ("m", "v")}
+                self._flat_adam = AdamConstants(parts[0].a1, flat["m"], parts[0].a2, flat["v"], parts[0].eps)
+            self._flat_adam.apply_(buffer)
+        return self.projector.project_flat(buffer), loss, valid
 
 
 # -- planning and storage ---------------------------------------------------------------
@@ -212,7 +305,7 @@ class FeatureSet:
         spec: the projector spec; compare two sets with `spec.check_same`.
         step, lr, lr_mean: the snapshot's step, learning rate, and mean learning rate since the previous one.
         weight: lr_mean normalized over the snapshots returned together (set by `gradient_features`).
-        preconditioner: "none", "adam" or "adam_reference".
+        preconditioner: "none", "adam", "adam_reference" or "adam_factored".
     """
 
     path: Path
@@ -292,9 +385,9 @@ def _done_batches(folder: Path) -> set[int]:
     return {int(line) for line in lines if line.strip()}
 
 
-def _mark_done(folder: Path, batch: int) -> None:
-    with open(folder / DONE_LOG, "a") as f:  # O(1) per batch, unlike rewriting a list
-        f.write(f"{batch}\n")  # the arrays were flushed first: a lost line only means recomputing a batch
+def _mark_done(folder: Path, batches: Sequence[int]) -> None:
+    with open(folder / DONE_LOG, "a") as f:  # append-only: O(1) per batch, unlike rewriting a list
+        f.write("".join(f"{b}\n" for b in batches))  # a torn last line is ignored on reading
 
 
 def _write_batch(unit, norms, local: np.ndarray, feats: torch.Tensor, valid: torch.Tensor) -> None:
@@ -321,15 +414,18 @@ def featurize_rows(
     padding_side: Literal["left", "right"] = "right",
     shard: tuple[int, int] = (0, 1),
     progress: bool = True,
+    flush_every: int = 64,
+    flush_bytes: int = 64 << 20,
 ) -> dict[str, int]:
     """Featurize prepared `rows` into `folder` (shard `shard` of the batch plan); resumable.
 
     `collate` turns a list of rows into a batch the way the recorded trainer's collator did
     (`data.make_collator`); `padding_side="left"` moves its padding to the left (results do not change).
 
-    Finished batches are appended to the shard's `done.log` after the arrays are flushed, so a
-    rerun after an interruption computes only the missing batches. When every shard is done,
-    the shards are merged into `unit.npy`/`norms.npy` and `meta.json` is marked complete.
+    Finished batches are appended to the shard's `done.log` after the arrays are flushed, every
+    `flush_every` batches or `flush_bytes` of features (and at the end), so a rerun after an
+    interruption (even `kill -9`) recomputes only the batches since the last flush, bit for bit.
+    When every shard is done, the shards are merged into `unit.npy`/`norms.npy` and `meta.json` is marked complete.
     Returns counts: `batches_computed`, `batches_skipped`, `merged` (0/1).
     """
     folder = Path(folder)
@@ -348,18 +444,35 @@ def featurize_rows(
     todo = [b for b in mine if b not in done]
     stats["batches_skipped"] = len(mine) - len(todo)
     desc = f"features @ step {meta.get('step')} ({meta.get('preconditioner')})"
-    for b in tqdm(todo, desc=desc, disable=not progress, unit="batch"):
-        positions = plan[b]
-        batch = collate([rows[i] for i in positions])
-        if padding_side == "left":
-            batch = to_left_padding(batch)
-        feats, _, valid = featurizer.batch_features(batch)
-        _write_batch(unit, norms, np.searchsorted(shard_rows, positions), feats, valid)
-        unit.flush()
-        norms.flush()
-        done.add(b)
-        _mark_done(work, b)
-        stats["batches_computed"] += 1
+    pending: list[int] = []  # written to the memmaps, not yet flushed and logged
+    pending_bytes = 0
+    row_bytes = featurizer.spec.k * np.dtype(featurizer.spec.dtype).itemsize + 4
+
+    def flush(unit, norms) -> None:
+        nonlocal pending_bytes
+        if pending:
+            unit.flush()
+            norms.flush()
+            _mark_done(work, pending)  # only after the arrays: a lost line only means recomputing a batch
+            done.update(pending)
+            pending.clear()
+        pending_bytes = 0
+
+    try:
+        for b in tqdm(todo, desc=desc, disable=not progress, unit="batch"):
+            positions = plan[b]
+            batch = collate([rows[i] for i in positions])
+            if padding_side == "left":
+                batch = to_left_padding(batch)
+            feats, _, valid = featurizer.batch_features(batch)
+            _write_batch(unit, norms, np.searchsorted(shard_rows, positions), feats, valid)
+            pending.append(b)
+            pending_bytes += len(positions) * row_bytes
+            if len(pending) >= flush_every or pending_bytes >= flush_bytes:
+                flush(unit, norms)
+            stats["batches_computed"] += 1
+    finally:  # an exception or Ctrl-C keeps every finished batch; only a kill loses the unflushed ones
+        flush(unit, norms)
     del unit, norms
     if merge_shards(folder, raise_if_incomplete=False):
         stats["merged"] = 1
@@ -435,7 +548,7 @@ def gradient_features(
     preconditioner: Preconditioner = "none",
     k: int | None = 8192,
     seed: int = 0,
-    kind: ProjectorKind = "sparse",
+    kind: ProjectorKind = "tensor",
     dtype: str = "float16",
     steps: Sequence[int] | None = None,
     batch_size: int = 16,
@@ -464,10 +577,15 @@ def gradient_features(
         dataset: raw rows in any format the recorded trainer accepts (text, prompt/completion, conversational,
             `messages`, pre-tokenized); they become model inputs exactly as the trainer made them
             (`data.prepare_rows` with the run's recorded `RowProcessing`). Other columns are ignored.
-        preconditioner: "none" (plain gradients), "adam" (bias-corrected AdamW update, ε outside the root)
-            or "adam_reference" (the LESS reference `m'/sqrt(v'+1e-8)`).
+        preconditioner: "none" (plain gradients), "adam" (bias-corrected AdamW update, ε outside the root),
+            "adam_reference" (the LESS reference `m'/sqrt(v'+1e-8)`) or "adam_factored" (an approximation
+            of "adam" with Adafactor-style row/column second moments, so that large weight matrices are
+            sketched from their factors instead of formed: the fast form for full models).
         k: projection dimension; `None` for exact features (every trainable parameter, no projection).
-        seed, kind, dtype: the projector (`ProjectorSpec`); features of different specs are never mixed.
+        seed, kind, dtype: the projector (`ProjectorSpec`); features of different specs are never mixed. The
+            default kind "tensor" is a CountSketch whose hash lets a weight matrix's per-sample gradient be
+            sketched from its factors (done where cheaper: d_out·d_in ≥ FACTOR_RATIO·k·log2 k, with
+            preconditioner "none" or "adam_factored"); "sparse" is a plain CountSketch.
         steps: snapshot steps (default: all).
         batch_size, padding_side: batching (results do not depend on padding).
         max_length: truncation; default (None) the recorded trainer's own.
@@ -520,7 +638,6 @@ def gradient_features(
                 if featurizer is None:
                     featurizer = Featurizer(load_model(store, model), spec, _device_for(model, device))
                 elif featurizer.spec != spec:
-                    featurizer.projector = Projector(spec, featurizer.device)
                     featurizer.spec = spec
                 featurizer.set_snapshot(snapshot, preconditioner)
                 meta = {

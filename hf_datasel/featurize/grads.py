@@ -26,6 +26,9 @@ silently come out wrong raises `PerSampleGradientError` instead:
 * a trainable parameter used outside the forward of a module that owns it (e.g. read as
   `module.weight` by its parent): that use is invisible to the hooks.
 
+The last two are properties of the model's structure, checked on an engine's first batch (each
+vmap module on its first call); the leading-dimension checks run on every batch.
+
 Each sample's loss is the mean cross-entropy over its label tokens (`!= -100`, after the usual
 shift), the loss a batch of one would have. Position ids counted over each row's real tokens are
 always passed (when the model's forward takes `position_ids`), so left and right padding give the
@@ -62,6 +65,7 @@ class _Owner:
     module: nn.Module
     local_to_name: dict[str, str]  # the module's own attribute name -> canonical parameter name
     layout: str | None  # OUT_IN / IN_OUT for a linear module (batched matmul), None for the vmap path
+    verified: bool = False  # its rows, recomputed one at a time, gave the batched output once
 
 
 @dataclass
@@ -111,6 +115,8 @@ class PerSampleGradients:
         self._all_params = list(model.parameters())
         self._wanted = {id(p) for p in self.params.values()}
         self._pass_positions = _forward_takes(model, "position_ids")
+        self.factored: frozenset[str] = frozenset()  # weights handed out as factors (see `__call__`)
+        self._uses_checked = False
 
     @contextmanager
     def _only_these_trainable(self):
@@ -130,11 +136,17 @@ class PerSampleGradients:
         attention_mask: torch.Tensor,
         labels: torch.Tensor,
         consume: Callable[[str, torch.Tensor], None] | None = None,
+        consume_factors: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> tuple[dict[str, torch.Tensor] | None, torch.Tensor, torch.Tensor]:
         """Returns (grads or None, per-sample loss (B,), valid (B,) bool).
 
         A row without label tokens, or with a non-finite loss, is not valid: it takes no part
         in the backward pass and its gradient is all zeros; callers must not use it.
+
+        With `consume_factors`, the weight of every linear module named in `self.factored` (and used
+        by that one call only) is never formed: `consume_factors(name, a, b)` gets its per-sample
+        gradient as factors, `G_b = Σ_t a_bt b_btᵀ` (see `linear_factors`); a and b are zero on
+        padding and on invalid rows, so they contribute nothing.
         """
         if any(getattr(m, "gradient_checkpointing", False) is True for m in self.model.modules()):
             raise PerSampleGradientError(
@@ -160,7 +172,10 @@ class PerSampleGradients:
                 out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
                 loss, valid = _per_sample_loss(out.logits, labels)
                 total = loss.masked_fill(~valid, 0.0).sum()
-                _check_parameter_uses(total, calls, self._wanted, {id(p): n for n, p in self.params.items()})
+                if not self._uses_checked:  # structural: the model's graph is the same for every batch
+                    names = {id(p): n for n, p in self.params.items()}
+                    _check_parameter_uses(total, calls, self._wanted, names)
+                    self._uses_checked = True
                 differentiable = [i for i, c in enumerate(calls) if c.output.requires_grad]
                 deltas: list[torch.Tensor | None] = [None] * len(calls)
                 if valid.any() and differentiable:
@@ -182,6 +197,26 @@ class PerSampleGradients:
         acc: dict[str, torch.Tensor] = {}
         for i, (call, delta) in enumerate(zip(calls, deltas)):
             calls[i] = None  # free activations as we go
+            weight = call.owner.local_to_name.get("weight")
+            if (
+                consume_factors is not None
+                and delta is not None
+                and call.owner.layout is not None
+                and weight in self.factored
+                and remaining[weight] == 1
+            ):
+                _check_rows(delta, batch, tokens, f"the output of {call.owner.name}")
+                a, b = linear_factors(call, delta, batch, tokens)
+                consume_factors(weight, a, b)
+                remaining[weight] = 0
+                if "bias" in call.owner.local_to_name:
+                    bias = call.owner.local_to_name["bias"]
+                    d = a if call.owner.layout == OUT_IN else b
+                    acc[bias] = d.sum(1) if bias not in acc else acc[bias] + d.sum(1)
+                    remaining[bias] -= 1
+                    if remaining[bias] == 0:
+                        emit(bias, acc.pop(bias))
+                continue
             grads = _module_grads(call, delta, batch, tokens)
             for local, name in call.owner.local_to_name.items():
                 g = grads[local]
@@ -304,8 +339,11 @@ def _input_tensor(call: _Call) -> torch.Tensor:
     return tensors[0]
 
 
-def _linear_grads(call: _Call, delta: torch.Tensor, batch: int, tokens: int) -> dict[str, torch.Tensor]:
-    """dW_b = Σ_t δ_bt x_btᵀ (x_bt δ_btᵀ for the (in, out) layout), db_b = Σ_t δ_bt, as batched matmuls."""
+def linear_factors(call: _Call, delta: torch.Tensor, batch: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b), each (B, T, ·), with the weight's per-sample gradient `Σ_t a_bt b_btᵀ` in its own layout.
+
+    nn.Linear's (out, in) weight: a = δ (output gradients), b = x (inputs); Conv1D's (in, out): a = x, b = δ.
+    """
     x = _input_tensor(call)
     _check_rows(x, batch, tokens, f"the input of {call.owner.name}")
     if x.shape[:-1] != delta.shape[:-1]:
@@ -314,12 +352,17 @@ def _linear_grads(call: _Call, delta: torch.Tensor, batch: int, tokens: int) -> 
         )
     x = _by_row(x.detach(), batch).reshape(batch, -1, x.shape[-1]).float()
     d = _by_row(delta, batch).reshape(batch, -1, delta.shape[-1]).float()
+    return (d, x) if call.owner.layout == OUT_IN else (x, d)
+
+
+def _linear_grads(call: _Call, delta: torch.Tensor, batch: int, tokens: int) -> dict[str, torch.Tensor]:
+    """dW_b = Σ_t δ_bt x_btᵀ (x_bt δ_btᵀ for the (in, out) layout), db_b = Σ_t δ_bt, as batched matmuls."""
+    a, b = linear_factors(call, delta, batch, tokens)
     out = {}
     if "weight" in call.owner.local_to_name:
-        # (B, out, in) = Σ_t δ xᵀ for nn.Linear's layout; (B, in, out) = Σ_t x δᵀ for Conv1D's.
-        out["weight"] = d.transpose(1, 2) @ x if call.owner.layout == OUT_IN else x.transpose(1, 2) @ d
+        out["weight"] = a.transpose(1, 2) @ b
     if "bias" in call.owner.local_to_name:
-        out["bias"] = d.sum(1)
+        out["bias"] = (a if call.owner.layout == OUT_IN else b).sum(1)
     return out
 
 
@@ -370,7 +413,9 @@ def _vmap_grads(call: _Call, delta: torch.Tensor, batch: int, tokens: int) -> di
 
     rows = tuple(_by_row(leaves[i], batch) for i in slots)
     grads, outputs = torch.func.vmap(one)(rows, _by_row(delta.detach(), batch))
-    _check_same_output(outputs, call.output.detach(), owner)
+    if not owner.verified:  # a module that mixes rows does so in every batch: checked on its first
+        _check_same_output(outputs, call.output.detach(), owner)
+        owner.verified = True
     return {k.removeprefix("inner."): v.float() for k, v in grads.items()}
 
 

@@ -1,7 +1,11 @@
 """Seeded random projections of per-sample gradients, described by a spec stored with the features.
 
 A projected feature is `g @ R` with `R` a (P, k) random matrix scaled by `1/sqrt(k)`, so inner
-products are preserved in expectation (Johnson-Lindenstrauss). `R` is never held whole for a
+products are preserved in expectation (Johnson-Lindenstrauss). The "tensor" kind is a CountSketch
+whose hash of a weight matrix's entry (i, j) is `h1(i) + h2(j) mod k` with sign `s1(i)·s2(j)`
+(TensorSketch, Pham & Pagh 2013): the sketch of a per-sample gradient `Σ_t δ_t x_tᵀ` is then
+`irfft(Σ_t rfft(CS1 δ_t) · rfft(CS2 x_t))`, had from the two factors in O(T·(d_in + d_out + k log k))
+without ever forming the d_out×d_in gradient; a formed gradient gets the same projection. `R` is never held whole for a
 large model: it is cut into parameter blocks (one per named parameter) and each block into row
 chunks, and every chunk is generated on the CPU from a seed derived from (seed, parameter name,
 chunk index). The same spec therefore gives bit-identical matrices on any machine or GPU model,
@@ -19,7 +23,8 @@ from typing import Any, Literal
 
 import torch
 
-ProjectorKind = Literal["identity", "sparse", "rademacher", "gaussian"]
+ProjectorKind = Literal["identity", "sparse", "tensor", "rademacher", "gaussian"]
+SKETCH_KINDS = ("sparse", "tensor")  # one ±1 per coordinate: O(P) work per sample
 CHUNK_ELEMENTS = 1 << 22  # one generated chunk holds at most this many numbers (16 MiB of fp32)
 
 
@@ -36,6 +41,8 @@ class ProjectorSpec:
             "sparse" (default: a CountSketch, each coordinate added with a random sign to one random
             output — O(P) work per sample instead of O(P·k), and the same variance bound as a dense
             JL projection: Var <Rx, Ry> ≤ (|x|²|y|² + <x,y>²)/k);
+            "tensor" (a CountSketch with a structured hash on 2-D weights, so full-model gradients can be
+            sketched from their factors; measured to keep pairwise cosines as well as "sparse");
             "rademacher" (dense ±1/sqrt(k)) or "gaussian" (dense N(0, 1/k)).
         k: feature dimension.
         seed: projector seed.
@@ -71,11 +78,13 @@ class ProjectorSpec:
         total = sum(math.prod(s) for s in shapes)
         if k is None or kind == "identity":
             return cls("identity", total, int(seed), dtype, names, shapes, 0)
-        if kind not in ("sparse", "rademacher", "gaussian"):
-            raise ValueError(f"projector kind must be 'identity', 'sparse', 'rademacher' or 'gaussian', not {kind!r}")
+        if kind not in ("sparse", "tensor", "rademacher", "gaussian"):
+            raise ValueError(
+                f"projector kind must be 'identity', 'sparse', 'tensor', 'rademacher' or 'gaussian', not {kind!r}"
+            )
         if int(k) <= 0:
             raise ValueError(f"k must be positive, not {k}")
-        rows = CHUNK_ELEMENTS if kind == "sparse" else max(1, CHUNK_ELEMENTS // int(k))
+        rows = CHUNK_ELEMENTS if kind in SKETCH_KINDS else max(1, CHUNK_ELEMENTS // int(k))
         return cls(kind, int(k), int(seed), dtype, names, shapes, rows)
 
     @property
@@ -163,7 +172,7 @@ class Projector:
             offsets[name] = start
             start += math.prod(shape)
         self.offsets = offsets
-        self._full_sparse: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._full_sparse: torch.Tensor | None = None
 
     def chunk(self, name: str, index: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Rows [index*chunk_rows, ...) of parameter `name`'s block of R: a (rows, k) float32 matrix,
@@ -175,27 +184,68 @@ class Projector:
         spec = self.spec
         numel = math.prod(self._shapes[name])
         rows = min(spec.chunk_rows, numel - index * spec.chunk_rows)
+        if spec.kind == "tensor" and len(self._shapes[name]) == 2:
+            h1, s1, h2, s2 = self.factor_hashes(name)
+            cols = self._shapes[name][1]
+            flat = torch.arange(index * spec.chunk_rows, index * spec.chunk_rows + rows, device=self.device)
+            i, j = flat // cols, flat % cols
+            mat = ((h1[i] + h2[j]) % spec.k, s1[i] * s2[j])
+            return self._keep(key, mat, rows * 12)
         gen = torch.Generator(device="cpu").manual_seed(_chunk_seed(spec.seed, name, index))
-        if spec.kind == "sparse":
+        if spec.kind in SKETCH_KINDS:
             target = torch.randint(0, spec.k, (rows,), generator=gen, dtype=torch.int64)
             sign = torch.randint(0, 2, (rows,), generator=gen, dtype=torch.int8).float().mul_(2).sub_(1)
-            mat = (target.to(self.device), sign.to(self.device))
-            size = rows * 12
-            if self._cached_bytes + size <= self.cache_bytes:
-                self._cache[key] = mat
-                self._cached_bytes += size
-            return mat
+            return self._keep(key, (target.to(self.device), sign.to(self.device)), rows * 12)
         if spec.kind == "rademacher":
             mat = torch.randint(0, 2, (rows, spec.k), generator=gen, dtype=torch.int8).float().mul_(2).sub_(1)
             mat.mul_(1.0 / math.sqrt(spec.k))
         else:
             mat = torch.randn((rows, spec.k), generator=gen, dtype=torch.float32).mul_(1.0 / math.sqrt(spec.k))
-        mat = mat.to(self.device)
-        size = mat.numel() * 4
+        return self._keep(key, mat.to(self.device), mat.numel() * 4)
+
+    def _keep(self, key: tuple[str, int], mat, size: int):
         if self._cached_bytes + size <= self.cache_bytes:
             self._cache[key] = mat
             self._cached_bytes += size
         return mat
+
+    def factor_hashes(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ "tensor" kind, 2-D parameter `name` of shape (d0, d1): (h1, s1) for dim 0 and (h2, s2) for dim 1.
+
+        Entry (i, j) of the parameter's gradient goes to output `(h1[i] + h2[j]) % k` with sign `s1[i]·s2[j]`.
+        """
+        key = (name, -1)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        d0, d1 = self._shapes[name]
+        gen = torch.Generator(device="cpu").manual_seed(_chunk_seed(self.spec.seed, name, -1))
+        h1 = torch.randint(0, self.spec.k, (d0,), generator=gen, dtype=torch.int64)
+        s1 = torch.randint(0, 2, (d0,), generator=gen, dtype=torch.int8).float().mul_(2).sub_(1)
+        h2 = torch.randint(0, self.spec.k, (d1,), generator=gen, dtype=torch.int64)
+        s2 = torch.randint(0, 2, (d1,), generator=gen, dtype=torch.int8).float().mul_(2).sub_(1)
+        hashes = tuple(t.to(self.device) for t in (h1, s1, h2, s2))
+        self._cache[key] = hashes  # O(d0 + d1): always kept
+        return hashes
+
+    def add_factored(self, out: torch.Tensor, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Add the "tensor" sketch of per-sample gradients `G_b = Σ_t a_bt b_btᵀ` of 2-D parameter `name` into `out`.
+
+        `a` is (B, T, d0), `b` is (B, T, d1) (for nn.Linear: a = output gradients, b = inputs). The
+        result equals `add(out, name, G)` up to float rounding, without forming G.
+        """
+        if self.spec.kind != "tensor":
+            raise ValueError(f"factored sketches need the 'tensor' projector kind, not {self.spec.kind!r}")
+        h1, s1, h2, s2 = self.factor_hashes(name)
+        k = self.spec.k
+        batch, tokens = a.shape[:2]
+        step = max(1, (1 << 24) // max(1, tokens * k))  # rows per chunk: bounded (B, T, k) temporaries
+        for start in range(0, batch, step):
+            rows = slice(start, start + step)
+            sa = a.new_zeros(a[rows].shape[:2] + (k,)).index_add_(2, h1, a[rows].float() * s1)
+            sb = b.new_zeros(b[rows].shape[:2] + (k,)).index_add_(2, h2, b[rows].float() * s2)
+            spectrum = (torch.fft.rfft(sa, dim=2) * torch.fft.rfft(sb, dim=2)).sum(1)
+            out[rows] += torch.fft.irfft(spectrum, n=k, dim=1)
 
     def new_output(self, batch: int) -> torch.Tensor:
         return torch.zeros(batch, self.spec.k, dtype=torch.float32, device=self.device)
@@ -209,30 +259,56 @@ class Projector:
             return
         rows = self.spec.chunk_rows
         for index, start in enumerate(range(0, flat.shape[1], rows)):
-            if self.spec.kind == "sparse":
+            if self.spec.kind in SKETCH_KINDS:
                 target, sign = self.chunk(name, index)
                 with _deterministic(out.is_cuda):  # CUDA's default index_add_ sums in a random order
                     out.index_add_(1, target, flat[:, start : start + rows] * sign)
             else:
                 out.addmm_(flat[:, start : start + rows], self.chunk(name, index))
 
+    # -- sketches without a sign pass: positive and negative coordinates go to two halves -----------
+    def signed_output(self, batch: int) -> torch.Tensor:
+        """A (B, 2k) accumulator for `add_signed`; `finish_signed` turns it into (B, k) features."""
+        return torch.zeros(batch, 2 * self.spec.k, dtype=torch.float32, device=self.device)
+
+    def signed_target(self, name: str, index: int) -> torch.Tensor:
+        """A sketch chunk's output index, plus k where its sign is negative (so no multiply is needed)."""
+        key = (name, index, "signed")
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        target, sign = self.chunk(name, index)
+        return self._keep(key, target + self.spec.k * (sign < 0), target.numel() * 8)
+
+    def add_signed(self, out2: torch.Tensor, name: str, grads: torch.Tensor) -> None:
+        """`add` for the sketch kinds into a `signed_output` accumulator: one scatter, no sign multiply."""
+        flat = grads.reshape(grads.shape[0], -1)
+        rows = self.spec.chunk_rows
+        with _deterministic(out2.is_cuda):
+            for index, start in enumerate(range(0, flat.shape[1], rows)):
+                out2.index_add_(1, self.signed_target(name, index), flat[:, start : start + rows])
+
+    def finish_signed(self, out2: torch.Tensor) -> torch.Tensor:
+        k = self.spec.k
+        return out2[:, :k] - out2[:, k:]
+
     def project_flat(self, flat: torch.Tensor) -> torch.Tensor:
         """Project (B, P) gradients laid out in spec order (the same result as `add` block by block)."""
         if self.spec.kind == "identity":
             return flat
         out = self.new_output(flat.shape[0])
-        if self.spec.kind == "sparse" and self.spec.num_params * 12 <= self.cache_bytes:
+        if self.spec.kind in SKETCH_KINDS and self.spec.num_params * 12 <= self.cache_bytes:
             if self._full_sparse is None:
                 parts = [
                     self.chunk(name, i)
                     for name, shape in self._shapes.items()
                     for i in range(math.ceil(math.prod(shape) / self.spec.chunk_rows))
                 ]
-                self._full_sparse = (torch.cat([t for t, _ in parts]), torch.cat([s for _, s in parts]))
-            target, sign = self._full_sparse
+                self._full_sparse = torch.cat([t + self.spec.k * (s < 0) for t, s in parts])  # signed targets
+            out2 = self.signed_output(flat.shape[0])
             with _deterministic(out.is_cuda):
-                out.index_add_(1, target, flat * sign)
-            return out
+                out2.index_add_(1, self._full_sparse, flat)
+            return self.finish_signed(out2)
         for name, shape in self._shapes.items():
             start = self.offsets[name]
             self.add(out, name, flat[:, start : start + math.prod(shape)])

@@ -85,8 +85,8 @@ def select_less(
     task_column: str | None = "task",
     k: int | None = 8192,
     projection_seed: int = 0,
-    projection: Literal["sparse", "rademacher", "gaussian"] = "sparse",
-    adam_form: Literal["adam", "adam_reference"] = "adam",
+    projection: Literal["tensor", "sparse", "rademacher", "gaussian"] = "tensor",
+    adam_form: Literal["adam", "adam_reference", "adam_factored"] = "adam",
     feature_dtype: Literal["float16", "float32"] = "float16",
     steps: Sequence[int] | None = None,
     batch_size: int = 16,
@@ -99,9 +99,12 @@ def select_less(
     Args:
         targets: target (validation) rows, with `prompt`/`completion` (or `text`); grouped into tasks
             by `task_column` when the dataset has it (one task otherwise).
-        k, projection_seed, projection: the feature projection (`k=None`: exact gradients).
+        k, projection_seed, projection: the feature projection (`k=None`: exact gradients); "tensor" (default)
+            is a CountSketch that large weight matrices are sketched from their factors with.
         feature_dtype: storage dtype of the unit-normalized features.
-        adam_form: "adam" (bias-corrected, ε outside the root) or "adam_reference" (LESS code's form).
+        adam_form: "adam" (bias-corrected, ε outside the root), "adam_reference" (LESS code's form), or
+            "adam_factored" (Adafactor-style second moments: an approximation that lets full-model
+            gradients be sketched without forming them; see `featurize.AdamConstants.factored_scale`).
         steps: snapshot steps to use (default: all snapshots of the run).
         batch_size, max_length: featurization batching and truncation (default: the recorded trainer's).
         model, tokenizer: overrides of the model/tokenizer rebuilt from the store.
