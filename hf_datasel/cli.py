@@ -500,7 +500,6 @@ def demo(
         run_demo(
             DemoConfig(output_dir=output_dir, pool_size=pool_size, budget=budget, large_steps=large_steps, seed=seed)
         )
-    typer.echo(f"results: {Path(output_dir) / 'results.json'}")
 
 
 # -- bench (owned by hf_datasel/bench) -----------------------------------------------------------------
