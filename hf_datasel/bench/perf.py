@@ -15,7 +15,11 @@ Parts (each runs in its own child process, so its peak memory is its own):
   read from a memory-mapped file;
 * `less_scoring` — LESS scores of `rows` memory-mapped fp16 features at several snapshots;
 * `g2is` — G2IS's PCA + lazy-kNN gradient walk on `rows` memory-mapped features
-  (`hf_datasel.bench.g2is`).
+  (`hf_datasel.bench.g2is`);
+* `featurize-vs-peers` — a training step, the library's engine and `gradient_features` (LoRA and
+  full model, exact and projected, each preconditioner), bergson's `collect_gradients` when bergson
+  is installed, and a batch-size-1 loop, interleaved in one process, with projection fidelity
+  (`hf_datasel.bench.peers`; also writes `peers_out` and its `.md` table; `--device cuda` on a GPU).
 
 A part that fails or whose module is missing is reported with its error; the others still run.
 """
@@ -39,7 +43,8 @@ import numpy as np
 
 from ..store import write_json
 
-PARTS = ("recorder", "featurize", "spectra", "s2l_kmeans", "less_scoring", "g2is")
+PEERS = "featurize-vs-peers"
+PARTS = ("recorder", "featurize", "spectra", "s2l_kmeans", "less_scoring", "g2is", PEERS)
 
 
 @dataclass
@@ -72,6 +77,17 @@ class PerfConfig:
     budget_share: float = 0.01
     g2is_budget_share: float = 0.001
     g2is_dims: int = 256
+    # featurize-vs-peers (hf_datasel.bench.peers)
+    peers_rows: int = 512
+    peers_rounds: int = 5
+    peers_k: int = 8192
+    peers_fidelity_rows: int = 128
+    peers_threads: int | None = 1
+    peers_memory: bool = True
+    peers_out: str | None = "docs/bench/peers.json"
+    peers_timeout_s: int = 3600
+    peers_overrides: dict[str, Any] = field(default_factory=dict)  # other PeersConfig fields (tests: a smaller model)
+    device: str | None = None  # featurize and featurize-vs-peers; default CUDA when available
     timeout_s: int = 900  # per part
     workdir: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -157,7 +173,11 @@ def part_featurize(config: PerfConfig, workdir: Path) -> dict[str, Any]:
     from .featurize import run
 
     r = run(
-        config.featurize_model, k=config.featurize_k, batches=config.featurize_batches, rounds=config.featurize_rounds
+        config.featurize_model,
+        k=config.featurize_k,
+        batches=config.featurize_batches,
+        rounds=config.featurize_rounds,
+        device=config.device,
     )
     return {
         "featurizer_vs_train_step": r.get("featurizer_vs_train_step"),
@@ -304,6 +324,20 @@ def part_g2is(config: PerfConfig, workdir: Path) -> dict[str, Any]:
     return result[0] if isinstance(result, list) else result
 
 
+def part_featurize_vs_peers(config: PerfConfig, workdir: Path) -> dict[str, Any]:
+    from .peers import PeersConfig, run_peers, summary, write_results
+
+    peers = PeersConfig(
+        rows=config.peers_rows, rounds=config.peers_rounds, k=config.peers_k,
+        fidelity_rows=config.peers_fidelity_rows, threads=config.peers_threads, device=config.device,
+        memory=config.peers_memory, workdir=str(workdir), **config.peers_overrides,
+    )  # fmt: skip
+    result = run_peers(peers)
+    if config.peers_out:
+        write_results(result, config.peers_out)
+    return {**summary(result), "results": config.peers_out}
+
+
 PART_FUNCTIONS = {
     "recorder": part_recorder,
     "featurize": part_featurize,
@@ -311,6 +345,7 @@ PART_FUNCTIONS = {
     "s2l_kmeans": part_s2l_kmeans,
     "less_scoring": part_less_scoring,
     "g2is": part_g2is,
+    PEERS: part_featurize_vs_peers,
 }
 
 
@@ -336,7 +371,9 @@ def run_part(part: str, config: PerfConfig) -> dict[str, Any]:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "hf_datasel.bench.perf", "--child", part, json.dumps(asdict(config)), str(out)]
         env = dict(os.environ)
-        if part == "featurize" and config.featurize_threads == 1:
+        timeout = config.peers_timeout_s if part == PEERS else config.timeout_s
+        threads = config.peers_threads if part == PEERS else config.featurize_threads
+        if part in ("featurize", PEERS) and threads == 1:
             # one thread from the start: no OpenMP pool exists when the bench forks to measure memory
             env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         # its own session, so a timeout ends the part's forked helpers too
@@ -344,11 +381,11 @@ def run_part(part: str, config: PerfConfig) -> dict[str, Any]:
             cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
         )
         try:
-            _, stderr = proc.communicate(timeout=config.timeout_s)
+            _, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-            return {"error": f"timed out after {config.timeout_s} s"}
+            return {"error": f"timed out after {timeout} s"}
         if proc.returncode != 0 or not out.exists():
             errors = [line for line in stderr.strip().splitlines() if "Error" in line or "error" in line]
             return {"error": (errors or stderr.strip().splitlines() or ["no output"])[-1][:500]}
@@ -419,6 +456,10 @@ def summary_line(part: str, r: dict[str, Any]) -> str:
             f"{r['rows']:,} rows: {r['total_s']:.1f} s; heap +{r['peak_extra_anon_mib']:.0f} MiB, "
             f"resident incl. mapped features {r['peak_rss_during_mib']:.0f} MiB"
         )
+    if part == PEERS:
+        from .peers import summary_line as peers_line
+
+        return peers_line(r)
     if part == "g2is":
         return (
             f"{r.get('rows', 0):,} rows × {r.get('dims')} dims, budget {r.get('budget')}: PCA "
@@ -438,6 +479,7 @@ def markdown_table(result: dict[str, Any]) -> str:
         "s2l_kmeans": "S2L k-means + balanced sampling (memory-mapped trajectories)",
         "less_scoring": "LESS scores + top-k (memory-mapped fp16 features)",
         "g2is": "G2IS PCA + lazy-kNN gradient walk (memory-mapped fp16 features)",
+        PEERS: "gradient features (× a training step): library end to end vs bergson vs batch-size-1 loop",
     }
     for part, r in result["parts"].items():
         if "error" in r:
@@ -460,9 +502,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--out", default="docs/bench/perf.json")
     parser.add_argument("--update", action="store_true", help="replace only these parts in an existing --out")
+    parser.add_argument("--device", default=None, help="featurize parts: cpu or cuda (default: CUDA when available)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    result = run_perf(PerfConfig(parts=tuple(args.parts), rows=args.rows), out=args.out, update=args.update)
+    config = PerfConfig(parts=tuple(args.parts), rows=args.rows, device=args.device)
+    result = run_perf(config, out=args.out, update=args.update)
     print(markdown_table(result))
 
 
