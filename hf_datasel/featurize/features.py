@@ -185,7 +185,7 @@ class Featurizer:
         snap, form = self._snapshot, self.preconditioner
         self._adam, self._flat_adam, self._scaled, self._constant = {}, None, {}, None
         factored_ok = self.spec.kind == "tensor" and form in ("none", "adam_factored")
-        linear = {o.local_to_name["weight"] for o in self.engine.owners if o.layout and "weight" in o.local_to_name}
+        linear = self.engine.factorable
         threshold = FACTOR_RATIO * self.spec.k * math.log2(max(2, self.spec.k))
         self.engine.factored = frozenset(
             n for n, s in zip(self.spec.param_names, self.spec.param_shapes)

@@ -115,7 +115,17 @@ class PerSampleGradients:
         self._all_params = list(model.parameters())
         self._wanted = {id(p) for p in self.params.values()}
         self._pass_positions = _forward_takes(model, "position_ids")
-        self.factored: frozenset[str] = frozenset()  # weights handed out as factors (see `__call__`)
+        owners_of: dict[str, int] = {}
+        for o in self.owners:
+            for name in o.local_to_name.values():
+                owners_of[name] = owners_of.get(name, 0) + 1
+        # weights whose per-sample gradient can be handed out as factors: a linear module's own, not tied
+        self.factorable = frozenset(
+            o.local_to_name["weight"]
+            for o in self.owners
+            if o.layout is not None and "weight" in o.local_to_name and owners_of[o.local_to_name["weight"]] == 1
+        )
+        self.factored: frozenset[str] = frozenset()  # those of them handed out as factors (see `__call__`)
         self._uses_checked = False
 
     @contextmanager
@@ -189,6 +199,7 @@ class PerSampleGradients:
         for c in calls:
             for name in c.owner.local_to_name.values():
                 remaining[name] += 1
+        uses = dict(remaining)
         result: dict[str, torch.Tensor] | None = {} if consume is None else None
         emit = consume if consume is not None else result.__setitem__
         for name, count in remaining.items():  # parameters never used in the forward: zero gradient
@@ -203,7 +214,7 @@ class PerSampleGradients:
                 and delta is not None
                 and call.owner.layout is not None
                 and weight in self.factored
-                and remaining[weight] == 1
+                and uses[weight] == 1  # a tied weight (two calls) is formed and summed
             ):
                 _check_rows(delta, batch, tokens, f"the output of {call.owner.name}")
                 a, b = linear_factors(call, delta, batch, tokens)
