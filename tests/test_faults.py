@@ -20,8 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from hf_datasel.locks import LockOwner
 from hf_datasel.store import RunStore
-from tests.test_cli import invoke
+from tests.test_cli import assert_user_error, invoke
+from tests.test_locks import dead_pid
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
@@ -163,3 +165,54 @@ def test_an_export_killed_half_way_then_run_again(tmp_path, pool):
     assert again.exit_code == 0, again.output
     assert_same_files(files(tmp_path / "reference"), files(tmp_path / "subset"))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".subset.partial-")]  # the leftover is gone
+
+
+def test_a_shard_merge_killed_half_way_is_taken_over_by_the_next_run(snapshots, tmp_path):
+    for name in ("reference", "faulty"):
+        shutil.copytree(snapshots / "run", tmp_path / name)
+    argv = [str(snapshots / "rows.jsonl"), "--k", "16", "--batch-size", "4"]
+    with one_thread():  # the reference: both shards, the second merging, no fault
+        assert invoke("featurize", tmp_path / "reference", *argv, "--shard", "1/2").exit_code == 0
+        assert invoke("featurize", tmp_path / "reference", *argv, "--shard", "0/2").exit_code == 0
+        first = invoke("featurize", tmp_path / "faulty", *argv, "--shard", "1/2")
+    assert "shard 1/2 done" in first.stdout, first.output
+    kill_at("merge", tmp_path, "cli", "featurize", str(tmp_path / "faulty"), *argv, "--shard", "0/2")
+    (lock,) = (tmp_path / "faulty").rglob("merge.lock")  # left behind by the killed merger
+    with one_thread():
+        again = invoke("featurize", tmp_path / "faulty", *argv, "--shard", "0/2")
+    assert again.exit_code == 0 and "step 4:" in again.stdout, again.output
+    assert "warning: took over" in again.stderr and "that process is gone" in again.stderr
+    expected = files(tmp_path / "reference" / "datasel" / "features")
+    assert_same_files(expected, files(tmp_path / "faulty" / "datasel" / "features"))
+
+
+def test_a_stale_merge_lock_never_wedges_an_unsharded_featurize(snapshots, tmp_path):
+    shutil.copytree(snapshots / "run", tmp_path / "run")
+    argv = [str(snapshots / "rows.jsonl"), "--k", "16", "--batch-size", "8", "--steps", "2"]
+    with one_thread():
+        assert invoke("featurize", tmp_path / "run", *argv).exit_code == 0
+    (meta,) = (tmp_path / "run").rglob("meta.json")
+    folder = meta.parent
+    shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    dead = LockOwner.current().__class__(**{**LockOwner.current().__dict__, "pid": dead_pid(), "started": None})
+    (folder / "merge.lock").write_bytes(dead.to_bytes())  # what a merger killed long ago left
+    with one_thread():
+        result = invoke("featurize", tmp_path / "run", *argv)
+    assert result.exit_code == 0 and "step 2:" in result.stdout and "shard None" not in result.output, result.output
+    assert "warning: took over" in result.stderr and not (folder / "merge.lock").exists()
+
+
+def test_broken_feature_files_are_one_line_naming_them(snapshots, tmp_path):
+    shutil.copytree(snapshots / "run", tmp_path / "run")
+    argv = [str(snapshots / "rows.jsonl"), "--k", "16", "--batch-size", "8", "--steps", "2"]
+    with one_thread():
+        assert invoke("featurize", tmp_path / "run", *argv).exit_code == 0
+    (meta,) = (tmp_path / "run").rglob("meta.json")
+    for name in ("unit.npy", "norms.npy", "meta.json"):
+        path = meta.parent / name
+        good = path.read_bytes()
+        path.write_bytes(good[: len(good) // 2])
+        result = invoke("featurize", tmp_path / "run", *argv)
+        assert_user_error(result, str(path), "unreadable", f"delete {meta.parent}")
+        path.write_bytes(good)

@@ -23,7 +23,6 @@ the batches a single process would, and the merged files are identical to a sing
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import shutil
@@ -39,9 +38,10 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from ..data import Collator, load_processing, make_collator, prepare_rows, to_left_padding
+from ..locks import FileLock
 from ..model_state import plain_forward
 from ..record.snapshot import read_snapshot_index
-from ..store import RunStore, StoreError, atomic_path, write_json
+from ..store import RunStore, StoreError, atomic_path, broken_file, load_npy, read_json, write_json
 from .grads import PerSampleGradients
 from .projector import SKETCH_KINDS, Projector, ProjectorKind, ProjectorSpec
 from .snapshots import Snapshot, assign_snapshot, load_model, load_snapshot, load_tokenizer, snapshot_steps
@@ -322,18 +322,25 @@ class FeatureSet:
     @classmethod
     def open(cls, path: str | os.PathLike) -> FeatureSet:
         path = Path(path)
-        meta = json.loads((path / "meta.json").read_text())
+        meta = _read_meta(path)
         if not meta.get("complete"):
             raise StoreError(f"features at {path} are not complete; run featurization again to finish them.")
+        spec = ProjectorSpec.from_dict(meta["spec"])
+        unit = load_npy(path / "unit.npy", _redo(path), mmap_mode="r")
+        norms = load_npy(path / "norms.npy", _redo(path))
+        n = meta["num_rows"]
+        for name, array, shape in (("unit.npy", unit, (n, spec.k)), ("norms.npy", norms, (n,))):
+            if array.shape != shape:  # a file of another run or version in this folder
+                raise broken_file(path / name, f"shape {array.shape}, meta.json says {shape}", _redo(path))
         return cls(
             path=path,
-            spec=ProjectorSpec.from_dict(meta["spec"]),
+            spec=spec,
             step=int(meta["step"]),
             lr=float(meta["lr"]),
             lr_mean=float(meta["lr_mean"]),
             preconditioner=meta["preconditioner"],
-            unit=np.load(path / "unit.npy", mmap_mode="r"),
-            norms=np.load(path / "norms.npy"),
+            unit=unit,
+            norms=norms,
             meta=meta,
         )
 
@@ -351,16 +358,33 @@ class FeatureSet:
         return np.isfinite(self.norms)
 
 
+def _read_meta(folder: Path) -> dict[str, Any]:
+    """A feature folder's meta.json; a `StoreError` naming it when it is torn or not JSON."""
+    return read_json(folder / "meta.json", _redo(folder))
+
+
+def _redo(folder: Path) -> str:
+    return f"delete {folder} and run the featurization again (it is a cache: the rest of the store is untouched)"
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / "meta.json").exists() and bool(_read_meta(folder).get("complete"))
+
+
 def _open_shard(folder: Path, rows: np.ndarray, spec: ProjectorSpec, plan_info: dict) -> tuple[Any, Any, set[int]]:
     """Open (or create) a shard's memmaps; returns (unit, norms, done batch numbers)."""
     progress_path = folder / "progress.json"
     if progress_path.exists():
-        progress = json.loads(progress_path.read_text())
-        if progress.get("plan") == plan_info:
-            unit = np.lib.format.open_memmap(folder / "unit.npy", mode="r+")
-            norms = np.lib.format.open_memmap(folder / "norms.npy", mode="r+")
-            return unit, norms, _done_batches(folder)
-        shutil.rmtree(folder)  # a different batch plan: its batches are not ours to reuse
+        try:  # a shard folder is scratch: one torn by a crash or a full disk is started over
+            progress = read_json(progress_path, "")
+            if progress.get("plan") == plan_info:
+                unit = np.lib.format.open_memmap(folder / "unit.npy", mode="r+")
+                norms = np.lib.format.open_memmap(folder / "norms.npy", mode="r+")
+                if unit.shape == (len(rows), spec.k) and norms.shape == (len(rows),):
+                    return unit, norms, _done_batches(folder)
+        except (StoreError, ValueError, OSError):
+            pass
+        shutil.rmtree(folder)  # another batch plan, or torn: its batches are not ours to reuse
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / "rows.npy", rows)
     unit = np.lib.format.open_memmap(
@@ -382,7 +406,7 @@ def _done_batches(folder: Path) -> set[int]:
         return set()
     text = path.read_text()
     lines = text.split("\n")[:-1]  # only lines that were terminated
-    return {int(line) for line in lines if line.strip()}
+    return {int(line) for line in lines if line.strip().isdigit()}  # anything else: that batch is redone
 
 
 def _mark_done(folder: Path, batches: Sequence[int]) -> None:
@@ -436,7 +460,7 @@ def featurize_rows(
     plan_info = {"batch_size": batch_size, "num_rows": len(rows), "num_batches": len(plan), "num_shards": num_shards}
     work = folder / f"shard-{index:03d}-of-{num_shards:03d}"
     stats = {"batches_computed": 0, "batches_skipped": 0, "merged": 0}
-    if (folder / "meta.json").exists() and json.loads((folder / "meta.json").read_text()).get("complete"):
+    if _is_complete(folder):
         stats["batches_skipped"] = len(mine)
         return stats
     write_json(folder / "meta.json", {**meta, "complete": False, "num_rows": len(rows), "plan": plan_info})
@@ -482,7 +506,7 @@ def featurize_rows(
 def merge_shards(folder: str | os.PathLike, raise_if_incomplete: bool = True) -> bool:
     """Merge a feature folder's finished shards into `unit.npy`/`norms.npy` in row order; True when merged."""
     folder = Path(folder)
-    meta = json.loads((folder / "meta.json").read_text())
+    meta = _read_meta(folder)
     if meta.get("complete"):
         return True
     plan = meta["plan"]
@@ -491,7 +515,10 @@ def merge_shards(folder: str | os.PathLike, raise_if_incomplete: bool = True) ->
     missing = []
     for i, w in enumerate(works):
         p = w / "progress.json"
-        progress = json.loads(p.read_text()) if p.exists() else None
+        try:
+            progress = read_json(p, "") if p.exists() else None
+        except StoreError:
+            progress = None  # torn: that shard is not finished, and its next run starts it over
         expected = set(shard_batches(plan["num_batches"], i, num_shards))
         if progress is None or progress["plan"] != plan or not expected <= _done_batches(w):
             missing.append(i)
@@ -499,22 +526,11 @@ def merge_shards(folder: str | os.PathLike, raise_if_incomplete: bool = True) ->
         if raise_if_incomplete:
             raise StoreError(f"features at {folder}: shards {missing} of {num_shards} are not finished yet.")
         return False
-    lock = folder / "merge.lock"
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # one merger when shards finish together
-    except FileExistsError:
-        if raise_if_incomplete:
-            raise StoreError(
-                f"features at {folder}: another process is merging the shards (remove {lock.name} if it died)."
-            ) from None
-        return False
-    os.close(fd)
-    try:
-        if json.loads((folder / "meta.json").read_text()).get("complete"):
-            return True  # another process merged (and removed the shards) between our check and the lock
+    # one merger when shards finish together; a dead merger's lock is taken over, a live one waited for
+    with FileLock(folder / "merge.lock"):
+        if _read_meta(folder).get("complete"):
+            return True  # another process merged (and removed the shards) while we waited for the lock
         _merge(folder, meta, works)
-    finally:
-        lock.unlink(missing_ok=True)
     return True
 
 
@@ -633,8 +649,7 @@ def gradient_features(
             kind_k = kind if k else "identity"
             spec = ProjectorSpec.create(snapshot.param_shapes, k, seed=seed, kind=kind_k, dtype=dtype)
             folder = store.path / FEATURES_DIR / key / f"step-{step:06d}" / f"{preconditioner}-{spec.spec_id}"
-            meta_path = folder / "meta.json"
-            if not (meta_path.exists() and json.loads(meta_path.read_text()).get("complete")):
+            if not _is_complete(folder):
                 if featurizer is None:
                     featurizer = Featurizer(load_model(store, model), spec, _device_for(model, device))
                 elif featurizer.spec != spec:
@@ -659,6 +674,8 @@ def gradient_features(
                     continue
             results.append(FeatureSet.open(folder))
     if not finished:
+        if shard == (0, 1):  # one process computed every batch, so the merge ran (or raised)
+            raise StoreError(f"features of the dataset were not merged under {store.path / FEATURES_DIR / key}")
         return None
     total = sum(r.lr_mean for r in results)
     for r in results:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..record.snapshot import MODEL_FILE, SNAPSHOT_DIR, read_snapshot_index, snapshot_name
-from ..store import RunStore, StoreError
+from ..store import RunStore, StoreError, read_json
 
 
 @dataclass
@@ -71,7 +70,7 @@ def _model_description(store: RunStore) -> dict[str, Any]:
     path = store.path / SNAPSHOT_DIR / MODEL_FILE
     if not path.exists():
         raise StoreError(f"The store at {store.path} has no snapshots; record the run with SnapshotCallback.")
-    return json.loads(path.read_text())
+    return read_json(path, "record the run again with SnapshotCallback")
 
 
 def load_tokenizer(store: RunStore, tokenizer=None):

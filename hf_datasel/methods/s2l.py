@@ -145,9 +145,7 @@ def select_s2l(
     if kmeans_init not in ("k-means++", "random"):
         raise ValueError(f"s2l: kmeans_init must be 'k-means++' or 'random', not {kmeans_init!r}")
     trajectories, source = ctx.trajectories("s2l")
-    store_rows = ctx.require_store("s2l").load_arrays("rows")["row_id"]
-    recorded = np.zeros(ctx.num_rows, bool)
-    recorded[store_rows] = True
+    recorded = ctx.recorded_mask("s2l")  # trained rows whose record still fits the dataset
     nonfinite_recorded = np.flatnonzero(recorded & ~np.isfinite(trajectories).all(axis=1))
     if nan_policy == "raise" and len(nonfinite_recorded):
         raise ValueError(

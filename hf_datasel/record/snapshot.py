@@ -16,7 +16,6 @@ one safetensors file per snapshot into the run store:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from ..store import RunStore, write_json
+from ..store import RunStore, broken_file, read_json, write_json
 from .trainer_hooks import calling_trainer, is_main_process, record_processing
 
 SNAPSHOT_DIR = "snapshots"
@@ -46,7 +45,10 @@ def read_snapshot_index(store: RunStore) -> list[dict[str, Any]]:
     path = store.path / SNAPSHOT_DIR / INDEX_FILE
     if not path.exists():
         return []
-    return sorted(json.loads(path.read_text())["snapshots"], key=lambda e: e["step"])
+    entries = read_json(path, "record the run again with SnapshotCallback").get("snapshots")
+    if not isinstance(entries, list):
+        raise broken_file(path, "no 'snapshots' list", "record the run again with SnapshotCallback")
+    return sorted(entries, key=lambda e: e["step"])
 
 
 def _unwrap_optimizer(optimizer):
