@@ -8,10 +8,18 @@ import numpy as np
 import pytest
 
 from hf_datasel.bench.perf import PerfConfig, run_part, run_perf
-from hf_datasel.bench.quality import FULL, QualityConfig, budget_table, markdown_table, run_quality, write_reports
+from hf_datasel.bench.quality import (
+    FULL,
+    ORACLE,
+    QualityConfig,
+    budget_table,
+    markdown_table,
+    run_quality,
+    seed_data,
+    write_reports,
+)
 from hf_datasel.bench.recorder import run_recorder_bench
 from hf_datasel.selector import resolve_budget
-from hf_datasel.synthetic import make_pool
 
 
 @pytest.fixture(scope="module")
@@ -19,16 +27,21 @@ def quality(tmp_path_factory):
     root = tmp_path_factory.mktemp("quality")
     config = QualityConfig(
         pool_size=48,
-        budgets=(0.25, 0.5),
+        budgets=(0.5,),
         seeds=(0, 1),
-        variants=("random", "loss-lowest", "s2l"),
+        variants=("random", "s2l"),
         proxy_epochs=1,
         large_steps=2,
+        epochs=1,
+        pretrain_steps=2,
+        pretrain_rows=32,
         eval_rows=6,
+        eval_rows_per_task=1,
         target_examples=4,
         workers=1,
         output_dir=str(root / "runs"),
         results_dir=str(root / "docs"),
+        base_cache=str(root / "cache"),
     )
     result = run_quality(config, log=lambda *a: None)
     return config, result, root
@@ -40,16 +53,23 @@ def test_quality_writes_json_plot_and_table(quality):
     assert on_disk["summary"] == json.loads(json.dumps(result["summary"]))
     assert (root / "docs" / "quality.png").stat().st_size > 0
     assert "| s2l |" in (root / "docs" / "quality.md").read_text()
-    assert set(on_disk) >= {"settings", "machine", "pool", "runs", "summary", "skipped", "goals", "seconds"}
+    assert set(on_disk) >= {"settings", "machine", "pool", "runs", "summary", "summary_by_protocol", "goals"}
     methods = {r["method"] for r in result["runs"]}
-    assert methods == {"random", "loss-lowest", "s2l", FULL}
-    assert len(result["runs"]) == len(config.seeds) * (3 * len(config.budgets) + 1)
+    assert methods == {"random", "s2l", ORACLE, FULL}
+    # per seed and protocol: 2 methods and the oracle at every budget, and the full pool
+    assert len(result["runs"]) == len(config.seeds) * 2 * (3 * len(config.budgets) + 1)
     for run in result["runs"]:
         for part in ("target", "all"):
             assert set(run["eval"][part]) == {"loss", "exact_match"}
             assert 0.0 <= run["eval"][part]["exact_match"] <= 1.0
             assert np.isfinite(run["eval"][part]["loss"])
-    assert "| full pool (100 %) |" in markdown_table(result, 0.25)
+        assert set(run["eval"]["per_task_exact_match"]) == set(config.task_mix())
+        all_em = np.mean(list(run["eval"]["per_task_exact_match"].values()))
+        assert run["eval"]["all"]["exact_match"] == pytest.approx(all_em)  # every task counts equally
+        assert run["steps"] == (config.large_steps if run["protocol"] == "steps" else -(-run["rows"] // 16))
+    assert set(result["goals"]) == {"pool_noisy_fraction", "steps", "epochs"}
+    table = markdown_table(result, 0.5, "epochs")
+    assert "| full pool (100 %) |" in table and "| oracle (clean target rows) |" in table
     assert "| random |" in budget_table(result)
     write_reports(on_disk, root / "again" / "quality")  # --replot: the same reports from the JSON alone
     assert (root / "again" / "quality.png").exists()
@@ -59,16 +79,19 @@ def test_quality_writes_json_plot_and_table(quality):
 def test_quality_counts_come_from_the_selections(quality):
     config, result, root = quality
     for seed in config.seeds:
-        pool = make_pool(config.pool_size, noise=config.noise, seed=seed)
+        pool = seed_data(config, seed)["pool"]
         noisy = np.asarray(pool["is_noisy"])
         is_target = np.asarray(pool["task"]) == config.target_task
         selections = json.loads((root / "runs" / f"seed-{seed}" / "selections.json").read_text())
         runs = [r for r in result["runs"] if r["seed"] == seed]
         full = [r for r in runs if r["method"] == FULL]
-        assert len(full) == 1 and full[0]["rows"] == config.pool_size
+        assert len(full) == 2 and {r["rows"] for r in full} == {config.pool_size}
         assert full[0]["noisy_rows"] == int(noisy.sum())
         for run in runs:
-            if run["method"] == FULL:
+            if run["method"] == ORACLE:
+                assert run["rows"] == run["target_rows"] == resolve_budget(run["budget"], config.pool_size)
+                assert run["noisy_rows"] == 0
+            if run["method"] in (FULL, ORACLE):
                 continue
             idx = np.asarray(selections[run["method"]][str(run["budget"])])
             assert run["rows"] == len(idx) == resolve_budget(run["budget"], config.pool_size)
@@ -81,14 +104,14 @@ def test_quality_counts_come_from_the_selections(quality):
 
 def test_quality_summary_is_mean_and_spread_over_seeds(quality):
     config, result, _ = quality
-    runs = [r for r in result["runs"] if r["method"] == "s2l" and r["budget"] == 0.25]
+    runs = [r for r in result["runs"] if r["method"] == "s2l" and r["budget"] == 0.5 and r["protocol"] == "steps"]
     values = [r["eval"]["target"]["exact_match"] for r in runs]
-    stats = result["summary"]["s2l"]["0.25"]["target_exact_match"]
+    stats = result["summary"]["s2l"]["0.5"]["target_exact_match"]
     assert stats["n"] == len(config.seeds)
     assert stats["mean"] == pytest.approx(np.mean(values))
     assert stats["std"] == pytest.approx(np.std(values, ddof=1))
     losses = [r["eval"]["all"]["loss"] for r in runs]
-    assert result["summary"]["s2l"]["0.25"]["all_loss"]["min"] == pytest.approx(min(losses))
+    assert result["summary"]["s2l"]["0.5"]["all_loss"]["min"] == pytest.approx(min(losses))
 
 
 def test_quality_unknown_variant_is_refused():

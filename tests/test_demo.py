@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+
+from hf_datasel.synthetic.tasks import MIX
 
 
 def test_demo_cli_end_to_end(tmp_path):
@@ -21,14 +24,17 @@ def test_demo_cli_end_to_end(tmp_path):
         "--large-steps",
         "8",
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "HF_DATASEL_CACHE": str(tmp_path / "cache")}  # the demo's pretrained base goes here
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
-    assert results["s2l"]["rows"] == results["random"]["rows"] == 32
-    for name in ("s2l", "random"):
-        assert set(results[name]["eval"]) == {"add", "reverse", "sort", "copy", "all"}
-        assert 0 <= results[name]["eval"]["all"]["exact_match"] <= 1
-    assert "held-out eval" in done.stdout
+    assert results["less"]["rows"] == results["s2l"]["rows"] == results["random"]["rows"] == 32
+    for name in ("less", "s2l", "random"):
+        assert set(results[name]["eval"]["per_task_exact_match"]) == set(MIX)
+        for part in ("target", "all"):
+            assert 0 <= results[name]["eval"][part]["exact_match"] <= 1
+        assert 0 <= results[name]["noisy_fraction"] <= 1 and 0 <= results[name]["target_fraction"] <= 1
+    assert "held-out eval" in done.stdout and "LESS vs random" in done.stdout
 
 
 def test_cli_bad_input_is_one_line_not_a_traceback():

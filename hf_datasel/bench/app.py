@@ -21,26 +21,34 @@ bench_app = typer.Typer(
 
 @bench_app.command()
 def quality(
-    mode: str = typer.Option("quick", help="quick (3 seeds, ≤ 20 min on 2 CPU cores) or full (5 seeds, larger)."),
+    mode: str = typer.Option("quick", help="quick (3 seeds, ~25 min on 2 CPU cores) or full (5 seeds, larger)."),
     seeds: Annotated[
         list[int] | None, typer.Option("--seed", help="Seeds to run (repeat the option); default by mode.")
     ] = None,
     variants: Annotated[
-        list[str] | None, typer.Option("--variant", help="Methods to run (repeat); default: all registered.")
+        list[str] | None, typer.Option("--variant", help="Methods to run (repeat); default: random, s2l, less, g2is.")
     ] = None,
-    large_steps: int = typer.Option(None, min=1, help="Training steps of the large model on each subset."),
+    protocols: Annotated[
+        list[str] | None, typer.Option("--protocol", help="steps (equal steps) and/or epochs (fixed epochs).")
+    ] = None,
+    large_steps: int = typer.Option(None, min=1, help="Fine-tuning steps of the large model per subset (steps)."),
+    workers: int = typer.Option(None, min=1, help="Single-thread worker processes (default 2)."),
     pool_size: int = typer.Option(None, min=20, help="Rows in the synthetic pool."),
     output_dir: str = typer.Option(None, help="Where the recorded runs go (default runs/bench/quality)."),
     results_dir: str = typer.Option("docs/bench", help="Where quality.json, quality.png and quality.md go."),
 ) -> None:
-    """Train a larger model on each method's subset at 5/10/25 %; target-task and all-task eval vs random/full."""
-    from .quality import QualityConfig, markdown_table, run_quality
+    """Fine-tune a pretrained larger model on each method's 5/10/25 % subset, the oracle and the full pool."""
+    from .quality import PROTOCOLS, QualityConfig, markdown_table, run_quality
 
     if mode not in ("quick", "full"):
         raise typer.BadParameter("mode must be 'quick' or 'full'", param_hint="--mode")
+    if protocols and set(protocols) - set(PROTOCOLS):
+        raise typer.BadParameter(f"protocols are {list(PROTOCOLS)}", param_hint="--protocol")
     overrides = {
         "seeds": tuple(seeds) if seeds else None,
         "variants": tuple(variants) if variants else None,
+        "protocols": tuple(protocols) if protocols else None,
+        "workers": workers,
         "large_steps": large_steps,
         "pool_size": pool_size,
         "output_dir": output_dir,
@@ -60,13 +68,15 @@ def perf(
     rows: int = typer.Option(1_000_000, min=100, help="Rows for the S2L / LESS / G2IS scoring parts."),
     out: str = typer.Option("docs/bench/perf.json", help="Where the JSON result goes."),
     update: bool = typer.Option(False, help="Replace only the parts run now in an existing --out."),
+    device: str = typer.Option(None, help="Featurize parts: cpu or cuda (default: CUDA when available)."),
 ) -> None:
-    """Recorder overhead, featurizer, spectra, and S2L/LESS/G2IS at scale, each as a ratio measured in one run."""
+    """Recorder overhead, featurizer, spectra, S2L/LESS/G2IS at scale, and gradient features vs peers
+    (featurize-vs-peers), each as a ratio measured in one run."""
     from .perf import PARTS, PerfConfig, markdown_table, run_perf
 
     unknown = sorted(set(parts or ()) - set(PARTS))
     if unknown:
         raise typer.BadParameter(f"unknown part(s) {unknown}; choose from {list(PARTS)}", param_hint="--part")
-    config = PerfConfig(parts=tuple(parts) if parts else PARTS, rows=rows)
+    config = PerfConfig(parts=tuple(parts) if parts else PARTS, rows=rows, device=device)
     result = run_perf(config, out=out, log=typer.echo, update=update)
     typer.echo(markdown_table(result))
