@@ -216,7 +216,7 @@ def featurize(
     seed: int = typer.Option(0, help="Projector seed (train and target features must share it)."),
     steps: str = typer.Option(None, help="Snapshot steps, comma-separated (default: all)."),
     batch_size: int = typer.Option(16, min=1),
-    max_length: int = typer.Option(1024, min=1),
+    max_length: int = typer.Option(None, min=1, help="Truncation (default: the recorded trainer's own)."),
     split: str = typer.Option("train", help="Split, when the dataset has several."),
     shard: str = typer.Option(None, help="i/n: compute shard i of n (e.g. one per machine); the last one merges."),
 ) -> None:
@@ -372,7 +372,7 @@ def spectral(
     projections: str = typer.Option("q,k,v,o", help="Attention projections to measure."),
     group_by: str = typer.Option(None, help="A dataset column to compare groups by (e.g. task)."),
     batch_size: int = typer.Option(8, min=1),
-    max_length: int = typer.Option(1024, min=1),
+    max_length: int = typer.Option(None, min=1, help="Truncation (default: the recorded trainer's own)."),
     split: str = typer.Option("train"),
 ) -> None:
     """Layer-wise gradient spectra (nuclear norm, effective rank) of every row, with a report and a plot."""

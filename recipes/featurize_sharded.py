@@ -37,7 +37,7 @@ class FeaturizeArguments:
     k: int | None = field(default=8192, metadata={"help": "Projection dimension (omit with --exact)."})
     exact: bool = field(default=False, metadata={"help": "Full gradients, no projection (small models)."})
     seed: int = field(default=0)
-    projection: str = field(default="sparse")
+    projection: str = field(default="tensor")
     dtype: str = field(default="float16")
     batch_size: int = field(default=16)
     use_cpu: bool = field(default=False, metadata={"help": "Run on CPU (implied by --tiny and by no GPU)."})

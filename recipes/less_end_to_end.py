@@ -42,7 +42,7 @@ class LessArguments:
     )
     projection_dim: int = field(default=8192)
     projection_seed: int = field(default=0)
-    projection: str = field(default="sparse", metadata={"help": "sparse, rademacher or gaussian."})
+    projection: str = field(default="tensor", metadata={"help": "tensor (default), sparse, rademacher or gaussian."})
     adam_form: str = field(default="adam", metadata={"help": "adam (bias-corrected) or adam_reference (LESS code)."})
     featurize_batch_size: int = field(default=16)
 

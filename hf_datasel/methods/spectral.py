@@ -27,8 +27,9 @@ def _spectra_for(ctx: SelectionContext, spectra, name: str, model, tokenizer, ba
     if model is not None:
         if tokenizer is None:
             raise ValueError("spectral: computing spectra on the fly needs tokenizer= next to model=")
+        # with the run's store: rows made as the recorded trainer made them (and the spectra kept there)
         return gradient_spectra(
-            model, ctx.dataset, tokenizer, batch_size=batch_size, max_length=max_length
+            model, ctx.dataset, tokenizer, batch_size=batch_size, max_length=max_length, store=ctx.store, name=name
         ), "computed"
     if ctx.store is not None and ctx.store.has(name):
         return GradientSpectra.load(ctx.store, dataset=ctx.dataset, name=name), "store"
@@ -51,7 +52,7 @@ def select_spectral(
     model=None,
     tokenizer=None,
     batch_size: int = 8,
-    max_length: int | None = 1024,
+    max_length: int | None = None,
 ) -> Selection:
     """The `budget` rows with the highest or lowest `metric`, averaged over the chosen layers/projections.
 
