@@ -17,6 +17,7 @@ prompt/completion, `messages` (with `assistant_only_loss`), pre-tokenized `input
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ from types import SimpleNamespace
 from typing import Any, Literal
 
 import datasets
+import numpy as np
 import torch
 from datasets import Dataset
 
@@ -144,15 +146,26 @@ def load_processing(store_path: str | Path) -> RowProcessing:
 
 
 # -- rows ------------------------------------------------------------------------------------
-def prepare_rows(dataset: Dataset, tokenizer, processing: RowProcessing | None = None) -> Rows:
+def prepare_rows(
+    dataset: Dataset, tokenizer, processing: RowProcessing | None = None, cache_dir: str | Path | None = None
+) -> Rows:
     """Per dataset row: `input_ids` and `labels` (-100 where the trainer puts no loss), as the trainer made them.
 
     Row i of the result is row i of `dataset`. A row the trainer would drop (no label token left
     after truncation) comes back as one pad token with no label: it has no gradient and no loss.
+    With `cache_dir`, the rows are kept there (safetensors), keyed by the dataset's fingerprint, the
+    processing and the tokenizer, so a second pass over the same rows skips tokenization.
     """
     processing = processing or RowProcessing()
     if len(dataset) == 0:
         raise ValueError("The dataset is empty; there is nothing to tokenize.")
+    if cache_dir is not None:
+        path = Path(cache_dir) / f"{_rows_key(dataset, tokenizer, processing)}.safetensors"
+        rows = _load_rows(path, len(dataset))
+        if rows is None:
+            rows = prepare_rows(dataset, tokenizer, processing)
+            _save_rows(path, rows)
+        return rows
     dataset = strip_row_columns(dataset)
     if processing.format == "tokenized":
         rows = _tokenized_rows(dataset, processing)
@@ -163,6 +176,52 @@ def prepare_rows(dataset: Dataset, tokenizer, processing: RowProcessing | None =
         rows = [{"input_ids": r["input_ids"], "labels": [IGNORE_INDEX if t == pad else t for t in r["input_ids"]]}
                 for r in rows]  # fmt: skip
     return rows
+
+
+def _rows_key(dataset: Dataset, tokenizer, processing: RowProcessing) -> str:
+    """What the prepared rows depend on: the rows (datasets' fingerprint), the processing, the tokenizer."""
+    h = hashlib.blake2b(digest_size=10)
+    h.update(json.dumps([dataset._fingerprint, len(dataset), dataset.column_names, processing.to_dict()]).encode())
+    if tokenizer is not None:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        vocabulary = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+        h.update(vocabulary.encode())
+        specials = [tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.chat_template]
+        h.update(json.dumps(specials, default=str).encode())
+    return h.hexdigest()
+
+
+def _save_rows(path: Path, rows: Rows) -> None:
+    from safetensors.numpy import save_file
+
+    from .store import atomic_path
+
+    arrays = {
+        "lengths": np.asarray([len(r["input_ids"]) for r in rows], np.int64),
+        "input_ids": np.concatenate([np.asarray(r["input_ids"], np.int64) for r in rows]),
+        "labels": np.concatenate([np.asarray(r["labels"], np.int64) for r in rows]),
+    }
+    with atomic_path(path) as tmp:
+        save_file(arrays, str(tmp))
+
+
+def _load_rows(path: Path, num_rows: int) -> Rows | None:
+    """Cached rows, or None when there are none (or they are unreadable: a cache is recomputed, never trusted)."""
+    from safetensors.numpy import load_file
+
+    if not path.exists():
+        return None
+    try:
+        arrays = load_file(str(path))
+        lengths = arrays["lengths"]
+        total = int(lengths.sum())
+        if len(lengths) != num_rows or total != len(arrays["input_ids"]) or total != len(arrays["labels"]):
+            return None
+    except Exception:  # torn or foreign file: prepare the rows again
+        return None
+    cuts = np.cumsum(lengths)[:-1]
+    ids, labels = np.split(arrays["input_ids"], cuts), np.split(arrays["labels"], cuts)
+    return [{"input_ids": i.tolist(), "labels": lab.tolist()} for i, lab in zip(ids, labels)]
 
 
 def _tokenized_rows(dataset: Dataset, processing: RowProcessing) -> Rows:

@@ -262,3 +262,22 @@ def test_spectra_with_a_store_see_the_trainers_rows(tmp_path, chat_tok, raw_pool
     # without the store: SFTTrainer's defaults, which put every token of a `messages` row in the loss
     plain = gradient_spectra(trainer.model, raw, chat_tok, **common)
     assert (plain.num_tokens > theirs.num_tokens).all()
+
+
+def test_prepared_rows_are_cached_by_dataset_processing_and_tokenizer(tmp_path, chat_tok, raw_pool, monkeypatch):
+    """A second featurization of the same rows skips TRL's preparation; other rows or settings do not hit it."""
+    import hf_datasel.data as data
+
+    raw = _as("messages", raw_pool, chat_tok)
+    calls = []
+    original = data._sft_rows
+    monkeypatch.setattr(data, "_sft_rows", lambda *a: calls.append(1) or original(*a))
+    processing = data.RowProcessing(max_length=48)
+    first = data.prepare_rows(raw, chat_tok, processing, cache_dir=tmp_path)
+    assert data.prepare_rows(raw, chat_tok, processing, cache_dir=tmp_path) == first and len(calls) == 1
+    data.prepare_rows(raw, chat_tok, processing.replace(assistant_only_loss=True), cache_dir=tmp_path)
+    data.prepare_rows(raw.select(range(5)), chat_tok, processing, cache_dir=tmp_path)
+    assert len(calls) == 3
+    for path in tmp_path.iterdir():  # a torn cache is prepared again, never trusted
+        path.write_bytes(path.read_bytes()[:40])
+    assert data.prepare_rows(raw, chat_tok, processing, cache_dir=tmp_path) == first and len(calls) == 4

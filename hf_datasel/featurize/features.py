@@ -520,7 +520,8 @@ def merge_shards(folder: str | os.PathLike, raise_if_incomplete: bool = True) ->
         except StoreError:
             progress = None  # torn: that shard is not finished, and its next run starts it over
         expected = set(shard_batches(plan["num_batches"], i, num_shards))
-        if progress is None or progress["plan"] != plan or not expected <= _done_batches(w):
+        arrays = (w / "unit.npy").exists() and (w / "norms.npy").exists()  # (a one-shard merge moves them)
+        if progress is None or progress["plan"] != plan or not arrays or not expected <= _done_batches(w):
             missing.append(i)
     if missing:
         if raise_if_incomplete:
@@ -538,6 +539,13 @@ def _merge(folder: Path, meta: dict[str, Any], works: list[Path]) -> None:
     plan = meta["plan"]
     spec = ProjectorSpec.from_dict(meta["spec"])
     n = plan["num_rows"]
+    if len(works) == 1 and len(np.load(works[0] / "rows.npy", mmap_mode="r")) == n:
+        # one shard holds every row in row order already: move its files instead of copying them
+        os.replace(works[0] / "unit.npy", folder / "unit.npy")
+        os.replace(works[0] / "norms.npy", folder / "norms.npy")
+        write_json(folder / "meta.json", {**meta, "complete": True})
+        shutil.rmtree(works[0], ignore_errors=True)
+        return
     with atomic_path(folder / "unit.npy") as tmp_unit, atomic_path(folder / "norms.npy") as tmp_norms:
         unit = np.lib.format.open_memmap(tmp_unit, mode="w+", dtype=np.dtype(spec.dtype), shape=(n, spec.k))
         norms = np.full(n, np.nan, np.float32)
@@ -634,7 +642,7 @@ def gradient_features(
     processing = load_processing(store.path)
     if max_length is not None:
         processing = processing.replace(max_length=max_length)
-    rows = prepare_rows(dataset, tokenizer, processing)
+    rows = prepare_rows(dataset, tokenizer, processing, cache_dir=store.path / FEATURES_DIR / "rows")
     collate = make_collator(processing, tokenizer, data_collator)
     key = dataset_key(rows)
     shard = shard or (0, 1)
