@@ -37,7 +37,7 @@ def quality(
     output_dir: str = typer.Option(None, help="Where the recorded runs go (default runs/bench/quality)."),
     results_dir: str = typer.Option("docs/bench", help="Where quality.json, quality.png and quality.md go."),
 ) -> None:
-    """Fine-tune a pretrained larger model on each method's 5/10/25 % subset, the oracle and the full pool."""
+    """Fine-tune a pretrained larger model on each method's 5/10/20 % subset, the oracle and the full pool."""
     from .quality import PROTOCOLS, QualityConfig, markdown_table, run_quality
 
     if mode not in ("quick", "full"):
