@@ -62,12 +62,21 @@ def run_demo(config: DemoConfig | None = None, console: Console | None = None) -
     """Run the demo and return its results (also written to `<output_dir>/results.json`)."""
     config = config or DemoConfig()
     console = console or Console()
+    import datasets
+    from transformers.utils import logging as hf_logging
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread is as fast as two, and two thrash on a busy machine
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # the demo's own sections say what is happening; no per-map bars
+    hf_logging.disable_progress_bar()
     try:
         return _run(config, console)
     finally:
         torch.set_num_threads(threads)
+        if bars:
+            datasets.enable_progress_bars()
+        hf_logging.enable_progress_bar()
 
 
 def _run(config: DemoConfig, console: Console) -> dict:
