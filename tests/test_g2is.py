@@ -319,3 +319,155 @@ def test_method_warns_and_reports_a_shortfall(monkeypatch):
         "budget": 4, "chosen": 3, "reanchors": 0, "shortfall": 1,
     }  # fmt: skip
     np.testing.assert_allclose(sel.scores, np.cos(np.deg2rad([0, -70, -30])), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- reference mode (gradient_walk.py)
+
+
+def reference_walk(rows, components, budgets, delta, k=None):
+    """The reference's `GraphWalk.graph_walk`, loop for loop, on unit rows with a brute-force sorted k-NN graph.
+
+    Conflicts are checked within the component's own rows (`< 0`), the consistency rule is
+    `|cos(sum ∪ x, k)| ≥ δ · |cos(sum, k)|`, the first anchor is the most aligned unused row
+    whatever its sign, and a fallback takes the most aligned unused row that passes both rules.
+    """
+    x = np.asarray(rows, np.float64)
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    k = len(x) - 1 if k is None else k
+    graph = [sorted(range(len(x)), key=lambda j, i=i: (-sims[i, j], j))[:k] for i in range(len(x))]
+    excluded, selected = set(), []
+
+    def cos(vec, kv):
+        return abs(vec @ kv) / np.linalg.norm(vec)
+
+    for kv, budget in zip(np.asarray(components, np.float64), budgets):
+        if budget <= 0:
+            continue
+        align = x @ kv
+        by_alignment = sorted(range(len(x)), key=lambda j: (-align[j], j))
+        free = [j for j in by_alignment if j not in excluded]
+        if not free:
+            break
+        current = [free[0]]
+        excluded.add(free[0])
+        total = x[free[0]].copy()
+        while len(current) < budget:
+            old = cos(total, kv)
+            pick = None
+            # the last row's neighbours first, then (fallback) every row in order of alignment
+            for j in [*graph[current[-1]], *by_alignment]:
+                if j in excluded or (x[current] @ x[j] < 0).any():
+                    continue
+                if cos(total + x[j], kv) >= delta * old - 1e-12:
+                    pick = j
+                    break
+            if pick is None:
+                break
+            current.append(pick)
+            excluded.add(pick)
+            total += x[pick]
+        selected.extend(current)
+    return selected
+
+
+def test_unoriented_components_keep_scikit_learns_sign():
+    # target rows at -10, 0 and 50 deg: the mean points at about 13 deg, the principal axis lies
+    # along the chord from -10 to 50 deg, about 112 deg (or -68 deg). svd_flip makes the
+    # largest-magnitude loading (y, 0.93) positive: 112 deg, on which the mean projects negatively
+    # (the two are 99 deg apart). Oriented, the component points at -68 deg instead.
+    targets = unit(-10, 0, 50).astype(np.float64)
+    centered = targets - targets.mean(axis=0)
+    axis = np.linalg.svd(centered)[2][0]
+    by_hand = axis if axis[np.argmax(np.abs(axis))] > 0 else -axis
+    assert by_hand[1] > 0.9 and by_hand @ targets.mean(axis=0) < 0
+    unoriented = core_knowledge(targets, variance_share=0.5, orient_components=False)
+    oriented = core_knowledge(targets, variance_share=0.5)
+    np.testing.assert_allclose(unoriented.components[0], by_hand, atol=1e-6)
+    np.testing.assert_allclose(oriented.components[0], -by_hand, atol=1e-6)
+
+    # train rows at -60 and 110 deg: the oriented component (-68 deg) anchors on the first,
+    # scikit-learn's sign (112 deg) on the second
+    rows = unit(-60, 110)
+    assert g2is_arrays(rows, targets, 1, num_neighbors=1).walk.indices.tolist() == [0]
+    assert g2is_arrays(rows, targets, 1, num_neighbors=1, orient_components=False).walk.indices.tolist() == [1]
+
+
+def test_unoriented_components_equal_scikit_learns_pca():
+    decomposition = pytest.importorskip("sklearn.decomposition")
+    rng = np.random.default_rng(4)
+    targets = rng.normal(size=(30, 6)) * np.linspace(3, 0.5, 6) + rng.normal(size=6)
+    unit_rows = l2_normalize(targets)[0].astype(np.float64)
+    core = core_knowledge(targets, variance_share=0.8, orient_components=False)
+    pca = decomposition.PCA(n_components=len(core.components), svd_solver="full").fit(unit_rows)
+    np.testing.assert_allclose(core.components, pca.components_, atol=1e-5)
+    np.testing.assert_allclose(core.explained_variance_ratio, pca.explained_variance_ratio_, atol=1e-9)
+
+
+def test_unsigned_consistency_accepts_a_sum_that_flips_sign():
+    # component along x. Rows: a at 60 deg in the xy plane (cos 0.5, the best: the anchor), f at
+    # 140 deg in the xy plane, g = (0.3, 0, 0.954). a.f = cos 80 = 0.174 > a.g = 0.15, so f is a's
+    # nearest neighbour; neither conflicts with a. The sum a + f points at 100 deg: its cosine is
+    # -0.174. Signed: -0.174 < 0.3 * 0.5 refuses f and takes g (sum cosine 0.527). The reference's
+    # |cos| rule: 0.174 >= 0.15 accepts f.
+    a, f = unit(60, 140)
+    rows = np.array([[*a, 0], [*f, 0], [0.3, 0, np.sqrt(1 - 0.09)]], np.float32)
+    comp = np.array([[1, 0, 0]], np.float32)
+    signed = walk(rows, comp, [2], k=2, delta=0.3)
+    unsigned = gradient_walk(rows, comp, np.array([2]), GraphNeighbors(knn_graph(rows, 2)[0]), 0.3,
+                             signed_consistency=False)  # fmt: skip
+    assert signed.indices.tolist() == [0, 2]
+    assert unsigned.indices.tolist() == [0, 1] == reference_walk(rows, comp, [2], 0.3)
+
+
+def test_unsigned_consistency_anchors_whatever_the_sign():
+    # every row points away from the component at 0 deg: cosines -0.423 (115 deg), -0.985 (170),
+    # -0.574 (235). Signed: no anchor at all. The reference anchors on the most aligned row, 115 deg;
+    # its nearest neighbour 170 deg (55 deg away, no conflict) moves the sum to 142.5 deg,
+    # |cos| 0.793 >= 0.8 * 0.423; 235 deg is 120 deg from 115 deg: a conflict, so it is never taken.
+    rows = unit(115, 170, -125)
+    assert len(walk(rows, unit(0), [3], k=2).indices) == 0
+    nbrs = GraphNeighbors(knn_graph(rows, 2)[0])
+    unsigned = gradient_walk(rows, unit(0), np.array([3]), nbrs, 0.8, signed_consistency=False)
+    assert unsigned.indices.tolist() == [0, 1] == reference_walk(rows, unit(0), [3], 0.8)
+    assert unsigned.shortfall.tolist() == [1]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("k", [3, 119], ids=["k=3", "k=all"])
+def test_reference_mode_reproduces_the_reference_walk(seed, k):
+    train, targets = clustered(n=120, d=16, seed=seed)
+    train = train * np.linspace(1.5, 0.5, 16)  # uneven so the walk has conflicts to avoid
+    normed = l2_normalize(train)[0]
+    reference = dict(orient_components=False, signed_consistency=False, conflict_across_components=False)
+    args = dict(num_neighbors=k, variance_share=0.8, delta=0.8)
+    ours = g2is_arrays(train, targets, 24, **args, **reference)
+    core = core_knowledge(targets, variance_share=0.8, orient_components=False)
+    expected = reference_walk(normed, core.components, split_budget(core.weights, 24), 0.8, k)
+    assert ours.walk.indices.tolist() == expected
+    # the switches matter here: our own rules choose other rows
+    assert g2is_arrays(train, targets, 24, **args, conflict_across_components=False).walk.indices.tolist() != expected
+    if k == 3:
+        assert ours.walk.reanchors.sum() > 0  # the fallback scan is exercised too
+
+
+def test_method_passes_and_records_the_reference_switches(monkeypatch):
+    from datasets import Dataset
+
+    from hf_datasel.methods import g2is as g2is_module
+    from hf_datasel.methods.base import SelectionContext
+
+    # the rows of the sign-agnostic anchor example, with a target along 0 deg
+    def fake_features(ctx, targets, task_column, **feature_args):
+        return [unit(115, 170, -125)], [1.0], [unit(0, 0)], ["t"], {"snapshots": []}
+
+    monkeypatch.setattr(g2is_module, "_load_features", fake_features)
+    ctx = SelectionContext(store=None, dataset=Dataset.from_dict({"text": list("abc")}), budget=2)
+    with pytest.warns(UserWarning, match="chose 0 of 2 rows"):
+        ours = g2is_module.select_g2is(ctx, targets=None, num_neighbors=2)
+    assert ours.params["orient_components"] is True and ours.params["signed_consistency"] is True
+    ref = g2is_module.select_g2is(
+        ctx, targets=None, num_neighbors=2, orient_components=False, signed_consistency=False
+    )
+    assert ref.indices.tolist() == [0, 1]
+    assert ref.params["orient_components"] is False and ref.params["signed_consistency"] is False

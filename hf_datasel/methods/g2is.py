@@ -24,6 +24,11 @@ Conventions used throughout (and why):
   additionally refuses a running sum that flips to the anti-aligned side.
 * Anchors (the first row of a component and every re-anchor) must point along the
   component (positive cosine) and obey both rules; walk steps obey both rules.
+* Both conventions can be turned off to get the reference code's (`gradient_walk.py`)
+  arithmetic: `orient_components=False` leaves each component's sign as scikit-learn's PCA
+  leaves it (`svd_flip`: its largest-magnitude loading positive), and
+  `signed_consistency=False` uses `|cos(sum ∪ x, k_c)| ≥ δ · |cos(sum, k_c)|` and anchors on
+  the most aligned row that fits whatever the sign of its cosine.
 """
 
 from __future__ import annotations
@@ -144,11 +149,16 @@ class CoreKnowledge:
     target_rows_dropped: list[int]
 
 
+def _largest_loading_positive(component: np.ndarray) -> np.ndarray:
+    """scikit-learn's sign (`svd_flip` on the components): the first largest-magnitude loading is positive."""
+    return component if component[int(np.argmax(np.abs(component)))] > 0 else -component
+
+
 def _orient(component: np.ndarray, mean: np.ndarray) -> np.ndarray:
     projection = float(component @ mean)
     if abs(projection) > 1e-9 * max(float(np.linalg.norm(mean)), 1e-30):
         return component if projection > 0 else -component
-    return component if component[int(np.argmax(np.abs(component)))] > 0 else -component
+    return _largest_loading_positive(component)
 
 
 def _principal_axes(centered: np.ndarray) -> tuple[np.ndarray, Callable[[int], np.ndarray]]:
@@ -171,12 +181,18 @@ def _principal_axes(centered: np.ndarray) -> tuple[np.ndarray, Callable[[int], n
 
 
 def core_knowledge(
-    targets: np.ndarray | Sequence[np.ndarray], variance_share: float = 0.5, center: bool = True
+    targets: np.ndarray | Sequence[np.ndarray],
+    variance_share: float = 0.5,
+    center: bool = True,
+    orient_components: bool = True,
 ) -> CoreKnowledge:
     """PCA of each target task's normalized features, keeping components up to `variance_share`.
 
     `targets` is one (rows, dims) array or one per task. `center=False` decomposes the raw
     (uncentered) features, whose first direction is then close to the mean target gradient.
+    Each component is oriented so the task's mean feature projects positively on it;
+    `orient_components=False` gives it scikit-learn's sign instead (largest-magnitude loading
+    positive, as `PCA.components_` after `svd_flip`), which is what the reference code uses.
     A task with a single usable row, or no variance, contributes its normalized mean as one
     component (listed in `degenerate_tasks`).
     """
@@ -201,7 +217,9 @@ def core_knowledge(
         else:
             ratio = var / var.sum()
             r = num_components_for_share(ratio, variance_share)
-            task_comps = np.stack([_orient(axis, mean) for axis in directions(r)])
+            axes = directions(r)
+            signed_axes = [_orient(a, mean) if orient_components else _largest_loading_positive(a) for a in axes]
+            task_comps = np.stack(signed_axes)
             task_ratio = ratio[:r]
         comps.append(task_comps)
         ratios.append(task_ratio)
@@ -359,6 +377,7 @@ def gradient_walk(
     delta: float = 0.8,
     conflict_across_components: bool = True,
     valid: np.ndarray | None = None,
+    signed_consistency: bool = True,
 ) -> WalkResult:
     """Pick up to `budgets[j]` rows for each component j, components in the given order.
 
@@ -369,12 +388,15 @@ def gradient_walk(
     unless `conflict_across_components=False`) and (b) keeps
     `cos(running sum, component) ≥ delta · previous value`; when no neighbour fits,
     re-anchor on the most aligned row that fits; stop at the budget or when nothing fits.
+    Anchors need a positive cosine with the component. `signed_consistency=False` is the
+    reference code's rule instead: (b) compares absolute values,
+    `|cos(sum ∪ x, component)| ≥ delta · |previous|`, and anchors may have any sign.
 
     Selected features are kept in a matrix; a candidate is tested only against the rows
     chosen since it was last tested (one small matmul per batch of candidates), and a row
     found in conflict is marked dead for good, so no pair is tested twice.
     """
-    walk = _Walk(features, budgets, valid, delta)
+    walk = _Walk(features, budgets, valid, delta, signed_consistency)
     comps = np.asarray(components, np.float32)
     if len(comps) != len(walk.budgets):
         raise ValueError("one budget per component is needed")
@@ -386,11 +408,14 @@ def gradient_walk(
 class _Walk:
     """State of a gradient walk: chosen rows (as a matrix), conflict marks, the running sum."""
 
-    def __init__(self, features: np.ndarray, budgets: np.ndarray, valid: np.ndarray | None, delta: float):
+    def __init__(
+        self, features: np.ndarray, budgets: np.ndarray, valid: np.ndarray | None, delta: float, signed: bool = True
+    ):
         self.x = np.ascontiguousarray(features, np.float32)
         self.n = len(self.x)
         self.budgets = np.asarray(budgets, np.int64)
         self.delta = delta
+        self.signed = signed  # False: the reference's |cos| consistency rule, anchors of any sign
         self.usable = np.ones(self.n, bool) if valid is None else np.asarray(valid, bool).copy()
         self.chosen_rows = np.empty((int(self.budgets.sum()), self.x.shape[1]), np.float32)
         self.m = 0  # rows of chosen_rows in use
@@ -412,23 +437,28 @@ class _Walk:
             self.dead[idx[(ip < -CONFLICT_TOL).any(axis=1)]] = True
         self.checked[idx] = self.m
         ok = ~self.dead[idx]
-        if anchor:
+        if anchor and self.signed:
             ok &= self.align[idx] > 0
         if self.prev is not None:
             sx = self.x[idx].astype(np.float64) @ self.run_sum
             norm = np.sqrt(np.maximum(self.run_sum @ self.run_sum + 2 * sx + 1.0, 1e-30))
-            ok &= (self.sum_dot_c + self.align[idx]) / norm >= self.delta * self.prev - CONSISTENCY_TOL
+            new = (self.sum_dot_c + self.align[idx]) / norm
+            if self.signed:
+                ok &= new >= self.delta * self.prev - CONSISTENCY_TOL
+            else:
+                ok &= np.abs(new) >= self.delta * abs(self.prev) - CONSISTENCY_TOL
         return ok
 
     def anchor(self) -> int | None:
         """The most aligned row that fits, scanning rows in order of alignment, batch by batch."""
         order, align = self.order, self.align
+        floor = 0.0 if self.signed else -math.inf  # anchors need a positive cosine unless unsigned
         while self.pointer < self.n and (self.selected[order[self.pointer]] or self.dead[order[self.pointer]]):
             self.pointer += 1
         pos = self.pointer
-        while pos < self.n and align[order[pos]] > 0:
+        while pos < self.n and align[order[pos]] > floor:
             batch = order[pos : pos + _ANCHOR_BATCH]
-            batch = batch[~self.selected[batch] & ~self.dead[batch] & (align[batch] > 0)]
+            batch = batch[~self.selected[batch] & ~self.dead[batch] & (align[batch] > floor)]
             if len(batch):
                 ok = self.fits(batch, anchor=True)
                 if ok.any():
@@ -547,6 +577,8 @@ def g2is_arrays(
     graph: Literal["lazy", "full"] = "lazy",
     center: bool = True,
     chunk_rows: int = 1024,
+    orient_components: bool = True,
+    signed_consistency: bool = True,
 ) -> G2ISResult:
     """G2IS on feature arrays: `train` (rows, dims), `targets` one (rows, dims) array per task.
 
@@ -556,6 +588,7 @@ def g2is_arrays(
     `graph="lazy"` computes exact neighbour lists only for visited rows; `graph="full"` builds
     the whole exact kNN graph first (same lists; worth it only when the budget is a large
     share of the pool). `use_graph=False` is the paper's "w/o graph" ablation.
+    `orient_components` and `signed_consistency` are described in `select_g2is`.
     """
     if graph not in ("lazy", "full"):
         raise ValueError(f"g2is: graph must be 'lazy' or 'full', not {graph!r}")
@@ -569,7 +602,7 @@ def g2is_arrays(
         raise ValueError(
             f"budget of {budget} rows is more than the {int(valid.sum())} training rows with usable gradient features"
         )
-    core = core_knowledge(targets, variance_share=variance_share, center=center)
+    core = core_knowledge(targets, variance_share=variance_share, center=center, orient_components=orient_components)
     budgets = split_budget(core.weights, budget)
     if not use_graph:
         return G2ISResult(aligned_topk(normed, core.components, budgets, valid), core, valid, "none")
@@ -577,7 +610,9 @@ def g2is_arrays(
         neighbors = GraphNeighbors(knn_graph(normed, num_neighbors, chunk_rows, valid)[0])
     else:
         neighbors = LazyNeighbors(normed, num_neighbors, valid)
-    walk = gradient_walk(normed, core.components, budgets, neighbors, delta, conflict_across_components, valid)
+    walk = gradient_walk(
+        normed, core.components, budgets, neighbors, delta, conflict_across_components, valid, signed_consistency
+    )
     return G2ISResult(walk, core, valid, graph)
 
 
@@ -672,6 +707,8 @@ def select_g2is(
     use_graph: bool = True,
     graph: Literal["lazy", "full"] = "lazy",
     center: bool = True,
+    orient_components: bool = True,
+    signed_consistency: bool = True,
     k: int | None = 8192,
     projection_seed: int = 0,
     projection: Literal["tensor", "sparse", "rademacher", "gaussian"] = "tensor",
@@ -698,6 +735,17 @@ def select_g2is(
         use_graph: False runs the paper's "w/o graph" ablation: per component, the top aligned rows.
         graph: "lazy" (exact neighbour lists for visited rows only) or "full" (whole graph first).
         center: centre target features before PCA (standard PCA).
+        orient_components: orient each component so the task's mean target feature projects
+            positively on it (PCA signs are arbitrary; a flipped component would anchor on rows
+            pointing away from the target). False leaves scikit-learn's sign (`svd_flip`:
+            largest-magnitude loading positive), as the reference code does.
+        signed_consistency: the consistency rule compares signed cosines,
+            `cos(sum ∪ x, k_c) ≥ δ · cos(sum, k_c)`, and anchors need a positive cosine with the
+            component. False is the reference code's arithmetic: `|cos(sum ∪ x, k_c)| ≥ δ ·
+            |cos(sum, k_c)|` (a running sum may flip to the anti-aligned side), and the first
+            anchor and every re-anchor are the most aligned row that fits, whatever its sign.
+            `orient_components=False, signed_consistency=False, conflict_across_components=False`
+            reproduces the reference's walk.
         k, projection_seed, projection, adam_form, steps, batch_size, max_length, model, tokenizer:
             the gradient features, exactly as for LESS (cached in the store and shared with it).
 
@@ -730,6 +778,8 @@ def select_g2is(
         use_graph=use_graph,
         graph=graph,
         center=center,
+        orient_components=orient_components,
+        signed_consistency=signed_consistency,
     )
     info = {**describe(result, names), **feature_info}
     if info["shortfall"]:
@@ -752,6 +802,8 @@ def select_g2is(
             "use_graph": use_graph,
             "graph": graph,
             "center": center,
+            "orient_components": orient_components,
+            "signed_consistency": signed_consistency,
             "k": k,
             "projection_seed": projection_seed,
             "projection": projection,
