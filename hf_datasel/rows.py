@@ -16,7 +16,8 @@ from datasets import Dataset
 
 ROW_ID = "datasel_row_id"
 ROW_HASH = "datasel_row_hash"
-ROW_COLUMNS = (ROW_ID, ROW_HASH)
+ROW_COUNT = "datasel_num_rows"  # the raw dataset's size, on every row: SFTTrainer may drop the last rows
+ROW_COLUMNS = (ROW_ID, ROW_HASH, ROW_COUNT)
 
 
 def _row_hash(row: dict) -> int:
@@ -40,7 +41,7 @@ def row_hashes(dataset: Dataset) -> np.ndarray:
 
 
 def with_row_ids(dataset: Dataset) -> Dataset:
-    """Return `dataset` with `datasel_row_id` (its position) and `datasel_row_hash` columns.
+    """Return `dataset` with `datasel_row_id` (its position), `datasel_row_hash` and `datasel_num_rows` columns.
 
     Pass the result to the trainer that runs the recording callbacks. Calling it on a
     dataset that already has the columns re-stamps them, so it is safe to call twice.
@@ -51,7 +52,8 @@ def with_row_ids(dataset: Dataset) -> Dataset:
         raise ValueError("with_row_ids: the dataset is empty; there is nothing to record or select.")
     hashes = row_hashes(dataset)
     plain = strip_row_columns(dataset)
-    return plain.add_column(ROW_ID, np.arange(len(dataset), dtype=np.int64)).add_column(ROW_HASH, hashes)
+    stamped = plain.add_column(ROW_ID, np.arange(len(dataset), dtype=np.int64)).add_column(ROW_HASH, hashes)
+    return stamped.add_column(ROW_COUNT, np.full(len(dataset), len(dataset), dtype=np.int64))
 
 
 def strip_row_columns(dataset: Dataset) -> Dataset:

@@ -21,7 +21,7 @@ from hf_datasel import DataSelector, LossRecorderCallback, SnapshotCallback, wit
 from hf_datasel.featurize import gradient_features
 from hf_datasel.record.trainer_hooks import ROW_LABELS
 from hf_datasel.rows import ROW_ID
-from hf_datasel.store import RunStore
+from hf_datasel.store import RunStore, StoreError
 from hf_datasel.synthetic import build_chat_tokenizer, build_model, make_pool
 from hf_datasel.synthetic.families import FAMILIES, build_family_model, lora_targets
 
@@ -160,6 +160,11 @@ def test_every_sft_format_featurizes_what_was_trained(tmp_path, chat_tok, raw_po
     trainer = _sft_run(tmp_path, build_model(chat_tok, seed=1), chat_tok, raw, **config)
     check_exact(trainer, raw)
     check_selections(trainer, raw, raw.select(range(3)))
+    # SFTTrainer dropped the last row (its prompt fills max_length): the same raw rows still match the store,
+    # one appended row does not
+    appended = Dataset.from_list([*raw.to_list(), raw[0]])
+    with pytest.raises(StoreError, match="appended"):
+        DataSelector.from_run(trainer.args.output_dir, dataset=appended)
 
 
 def _smoothed_loss(outputs, labels, num_items_in_batch=None):

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 
-from ..rows import ROW_HASH, ROW_ID
+from ..rows import ROW_COUNT, ROW_HASH, ROW_ID
 from ..store import RunStore
 from .per_sample_loss import per_sample_loss
 from .trainer_hooks import (
@@ -248,7 +248,12 @@ class LossRecorderCallback(TrainerCallback):
                 "trainable_parameters": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
                 "peft": hasattr(model, "peft_config"),
             },
-            "dataset": {"rows_trained": len(dataset), "max_row_id": int(max(dataset[ROW_ID]))},
+            "dataset": {
+                "rows_trained": len(dataset),
+                "max_row_id": int(max(dataset[ROW_ID])),
+                # the raw dataset's size: rows after the last trained one may have been dropped, not appended
+                **({"num_rows": int(dataset[0][ROW_COUNT])} if ROW_COUNT in dataset.column_names else {}),
+            },
             "training": {
                 "trainer": type(self.trainer).__name__,
                 "seed": args.seed,
