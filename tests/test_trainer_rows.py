@@ -136,11 +136,16 @@ def check_exact(trainer, raw: Dataset, plain_loss: bool = False, pass_model: boo
         assert not np.isfinite(features.norms[row])
 
 
-def check_selections(trainer, raw: Dataset, targets: Dataset) -> None:
+def check_selections(trainer, raw: Dataset, targets: Dataset, pass_model: bool = False) -> None:
     selector = DataSelector.from_run(trainer.args.output_dir, dataset=raw)
+    model = {"model": trainer.model} if pass_model else {}
     for method in ("less", "g2is"):
-        subset = selector.select(method, budget=4, targets=targets, k=64)
-        assert 1 <= len(subset) <= 4 and subset.column_names == raw.column_names
+        subset = selector.select(method, budget=4, targets=targets, k=64, **model)
+        assert subset.column_names == raw.column_names
+        if method == "less":
+            assert len(subset) == 4
+        else:  # the walk may stop short on a few random-weight rows; it says so instead of padding
+            assert len(subset) + selector.last.selection.info["shortfall"] == 4
 
 
 FORMATS = [
@@ -220,6 +225,7 @@ def test_every_family_featurizes_what_was_trained(tmp_path, chat_tok, raw_pool, 
     trainer = _sft_run(tmp_path, model, chat_tok, raw)
     # a LoRA base built from a config has no loadable weights in the store: the user passes the model
     check_exact(trainer, raw, pass_model=lora)
+    check_selections(trainer, raw, raw.select(range(2)), pass_model=lora)
 
 
 def test_trl_defaults_and_a_passed_model_comes_back_as_it_went_in(tmp_path, chat_tok, raw_pool):
