@@ -15,6 +15,18 @@ import torch
 from torch import nn
 
 
+def checkpointing_off(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """Turn activation checkpointing off on every module that has the flag; returns (module, previous flag).
+
+    Only the flags change (not the checkpoint functions or input-grad hooks), so setting them back
+    restores the model exactly.
+    """
+    flags = [(m, m.gradient_checkpointing) for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+    for module, _ in flags:
+        module.gradient_checkpointing = False
+    return flags
+
+
 @contextmanager
 def plain_forward(model: nn.Module, keep_weights: Iterable[str] = ()) -> Iterator[nn.Module]:
     """Eval mode and no activation checkpointing inside; everything restored on exit, errors included.
@@ -23,13 +35,11 @@ def plain_forward(model: nn.Module, keep_weights: Iterable[str] = ()) -> Iterato
     values are copied first and written back on exit, so the user's trained weights survive.
     """
     modes = [(m, m.training) for m in model.modules()]
-    checkpointing = [(m, m.gradient_checkpointing) for m in model.modules() if hasattr(m, "gradient_checkpointing")]
     named = dict(model.named_parameters())
     requires = [(p, p.requires_grad) for p in named.values()]
     saved = {n: named[n].detach().clone() for n in keep_weights}
+    checkpointing = checkpointing_off(model)
     try:
-        for module, _ in checkpointing:
-            module.gradient_checkpointing = False
         model.eval()
         yield model
     finally:

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from ..data import Collator, load_processing, make_collator, prepare_rows, to_left_padding
 from ..locks import FileLock
-from ..model_state import plain_forward
+from ..model_state import checkpointing_off, plain_forward
 from ..record.snapshot import read_snapshot_index
 from ..store import RunStore, StoreError, atomic_path, broken_file, load_npy, read_json, write_json
 from .grads import PerSampleGradients
@@ -77,7 +77,7 @@ class AdamConstants:
         if form == "adam_reference":  # LESS's code: m'/sqrt(v' + 1e-8), no bias correction
             return cls(1 - beta1, exp_avg * beta1, 1 - beta2, exp_avg_sq * beta2 + 1e-8, 0.0)
         if form not in ("adam", "adam_factored"):
-            raise ValueError(f"Adam form must be 'adam' or 'adam_reference', not {form!r}")
+            raise ValueError(f"Adam form must be 'adam', 'adam_reference' or 'adam_factored', not {form!r}")
         t = int(step) + 1
         c1, c2 = 1 - beta1**t, 1 - beta2**t
         return cls((1 - beta1) / c1, exp_avg * (beta1 / c1), (1 - beta2) / c2, exp_avg_sq * (beta2 / c2), eps)
@@ -143,9 +143,7 @@ class Featurizer:
         fuse_bytes: int = 1 << 23,
     ):
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        for module in model.modules():  # recomputed forwards would fire the capture hooks twice
-            if getattr(module, "gradient_checkpointing", False) is True:
-                module.gradient_checkpointing = False
+        checkpointing_off(model)  # recomputed forwards would fire the capture hooks twice
         self.model = model.to(self.device).eval()
         self.engine = PerSampleGradients(self.model, spec.param_names)
         if self.engine.shapes != dict(zip(spec.param_names, spec.param_shapes)):
@@ -183,7 +181,11 @@ class Featurizer:
     def _configure(self) -> None:
         """Per parameter: Adam constants, factored scales and which weights are sketched from factors."""
         snap, form = self._snapshot, self.preconditioner
-        self._adam, self._flat_adam, self._scaled, self._constant = {}, None, {}, None
+        self._adam: dict[str, AdamConstants] = {}  # exact Adam, per parameter
+        self._flat_adam: AdamConstants | None = None  # the same, concatenated (fused path)
+        self._formed_scales: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # adam_factored, formed 2-D
+        self._factor_scales: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # adam_factored, factored
+        self._constant: torch.Tensor | None = None
         factored_ok = self.spec.kind == "tensor" and form in ("none", "adam_factored")
         linear = self.engine.factorable
         threshold = FACTOR_RATIO * self.spec.k * math.log2(max(2, self.spec.k))
@@ -194,28 +196,28 @@ class Featurizer:
         if form == "none":
             return
         step = snap.optimizer_step or 0
-        for name in self.spec.param_names:
-            m, v = snap.exp_avg[name].to(self.device), snap.exp_avg_sq[name].to(self.device)
-            self._adam[name] = AdamConstants.create(m, v, step, snap.betas, snap.eps, form)
-        if form != "adam_factored":
-            return
         constant = self.projector.new_output(1)
         for name, shape in zip(self.spec.param_names, self.spec.param_shapes):
-            if len(shape) != 2:
+            m, v = snap.exp_avg[name].to(self.device), snap.exp_avg_sq[name].to(self.device)
+            c = AdamConstants.create(m, v, step, snap.betas, snap.eps, form)
+            if form != "adam_factored" or len(shape) != 2:
+                self._adam[name] = c
                 continue
-            c = self._adam[name]
-            rho, gamma = c.factored_scale()
-            scale = rho[:, None] * gamma[None, :]
-            self._scaled[name] = (rho * c.a1, gamma, scale * c.a1, c.m * scale)
-            if name in self.engine.factored:  # the sample-independent part, sketched once
-                self.projector.add(constant, name, (c.m * scale)[None])
-        self._constant = constant
+            rho, gamma = c.factored_scale()  # (a1·g + m) ⊙ ρ γᵀ
+            if name in self.engine.factored:  # ρ·a1 on the row factor, γ on the column factor
+                self._factor_scales[name] = (rho * c.a1, gamma)
+                self.projector.add(constant, name, (c.m * rho[:, None] * gamma[None, :])[None])  # sketched once
+            else:
+                scale = rho[:, None] * gamma[None, :]
+                self._formed_scales[name] = (scale * c.a1, c.m * scale)
+        if self._factor_scales:
+            self._constant = constant
 
     def _precondition_(self, name: str, grads: torch.Tensor) -> torch.Tensor:
         if self.preconditioner == "none":
             return grads
-        if name in self._scaled:  # adam_factored, 2-D: (a1·ρ γᵀ) ⊙ g + m ⊙ ρ γᵀ
-            _, _, multiplier, offset = self._scaled[name]
+        if name in self._formed_scales:  # adam_factored, 2-D: (a1·ρ γᵀ) ⊙ g + m ⊙ ρ γᵀ
+            multiplier, offset = self._formed_scales[name]
             return grads.mul_(multiplier).add_(offset)
         return self._adam[name].apply_(grads)
 
@@ -239,8 +241,8 @@ class Featurizer:
                 projector.add(out, name, grads)
 
         def consume_factors(name: str, a: torch.Tensor, b: torch.Tensor) -> None:
-            if name in self._scaled:  # adam_factored: ρ and a1 on the row factor, γ on the column factor
-                row_scale, col_scale, _, _ = self._scaled[name]
+            if name in self._factor_scales:  # adam_factored: ρ and a1 on the row factor, γ on the column factor
+                row_scale, col_scale = self._factor_scales[name]
                 a, b = a * row_scale, b * col_scale
             projector.add_factored(out, name, a, b)
 

@@ -218,20 +218,16 @@ class PerSampleGradients:
             ):
                 _check_rows(delta, batch, tokens, f"the output of {call.owner.name}")
                 a, b = linear_factors(call, delta, batch, tokens)
-                consume_factors(weight, a, b)
+                consume_factors(weight, a, b)  # the weight is never formed; a bias still goes the common way
+                has_bias = "bias" in call.owner.local_to_name
+                grads = {"bias": (a if call.owner.layout == OUT_IN else b).sum(1)} if has_bias else {}
+                owned = {local: name for local, name in call.owner.local_to_name.items() if local != "weight"}
                 remaining[weight] = 0
-                if "bias" in call.owner.local_to_name:
-                    bias = call.owner.local_to_name["bias"]
-                    d = a if call.owner.layout == OUT_IN else b
-                    acc[bias] = d.sum(1) if bias not in acc else acc[bias] + d.sum(1)
-                    remaining[bias] -= 1
-                    if remaining[bias] == 0:
-                        emit(bias, acc.pop(bias))
-                continue
-            grads = _module_grads(call, delta, batch, tokens)
-            for local, name in call.owner.local_to_name.items():
-                g = grads[local]
-                acc[name] = g if name not in acc else acc[name] + g
+            else:
+                grads = _module_grads(call, delta, batch, tokens)
+                owned = call.owner.local_to_name
+            for local, name in owned.items():
+                acc[name] = grads[local] if name not in acc else acc[name] + grads[local]
                 remaining[name] -= 1
                 if remaining[name] == 0:
                     emit(name, acc.pop(name))
