@@ -35,9 +35,9 @@ def row_hashes(dataset: Dataset) -> np.ndarray:
     """A 64-bit content hash per row (datasel columns left out), in row order."""
     if len(dataset) == 0:
         return np.zeros(0, dtype=np.int64)
-    content = dataset.remove_columns([c for c in ROW_COLUMNS if c in dataset.column_names])
-    hashed = content.map(_hash_batch, batched=True, remove_columns=content.column_names, desc="hashing rows")
-    return np.asarray(hashed[ROW_HASH], dtype=np.int64)
+    content = dataset.with_format(None).remove_columns([c for c in ROW_COLUMNS if c in dataset.column_names])
+    hashes = [h for batch in content.iter(batch_size=1024) for h in _hash_batch(batch)[ROW_HASH]]  # no table written
+    return np.asarray(hashes, dtype=np.int64)
 
 
 def with_row_ids(dataset: Dataset) -> Dataset:

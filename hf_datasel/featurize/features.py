@@ -193,28 +193,40 @@ class Featurizer:
             n for n, s in zip(self.spec.param_names, self.spec.param_shapes)
             if factored_ok and n in linear and len(s) == 2 and s[0] * s[1] >= threshold
         )  # fmt: skip
+        # embeddings: only the rows a sample's tokens touch are computed (any preconditioner, exactly)
+        rows_ok = self.spec.kind in ("identity", *SKETCH_KINDS)
+        self.engine.row_sparse = self.engine.row_sparse_able if rows_ok else frozenset()
+        self._row_adam: dict[str, tuple[AdamConstants, torch.Tensor]] = {}  # exact Adam: constants, direction at g=0
+        self.engine.weight_scales = {}
         if form == "none":
             return
         step = snap.optimizer_step or 0
-        constant = self.projector.new_output(1)
+        constant = self.projector.new_output(1)  # the part of every sample's direction that does not depend on it
         for name, shape in zip(self.spec.param_names, self.spec.param_shapes):
             m, v = snap.exp_avg[name].to(self.device), snap.exp_avg_sq[name].to(self.device)
             c = AdamConstants.create(m, v, step, snap.betas, snap.eps, form)
             if form != "adam_factored" or len(shape) != 2:
                 self._adam[name] = c
+                if name in self.engine.row_sparse:  # untouched rows: the direction of a zero gradient
+                    at_zero = c.apply_(torch.zeros(1, *shape, device=self.device))
+                    self.projector.add(constant, name, at_zero)
+                    self._row_adam[name] = (c, at_zero[0])
                 continue
-            rho, gamma = c.factored_scale()  # (a1·g + m) ⊙ ρ γᵀ
-            if name in self.engine.factored:  # ρ·a1 on the row factor, γ on the column factor
+            rho, gamma = c.factored_scale()  # (a1·g + m) ⊙ ρ γᵀ: ρ·a1 on the rows, γ on the columns, m ⊙ ρ γᵀ once
+            if name in self.engine.factored or name in self.engine.row_sparse:
                 self._factor_scales[name] = (rho * c.a1, gamma)
-                self.projector.add(constant, name, (c.m * rho[:, None] * gamma[None, :])[None])  # sketched once
+                self.projector.add(constant, name, (c.m * rho[:, None] * gamma[None, :])[None])
+            elif name in self.engine.factorable:  # formed from scaled factors: no pass over the formed gradient
+                self.engine.weight_scales[name] = (rho * c.a1, gamma)
+                self.projector.add(constant, name, (c.m * rho[:, None] * gamma[None, :])[None])
             else:
                 scale = rho[:, None] * gamma[None, :]
                 self._formed_scales[name] = (scale * c.a1, c.m * scale)
-        if self._factor_scales:
+        if self._factor_scales or self._row_adam or self.engine.weight_scales:
             self._constant = constant
 
     def _precondition_(self, name: str, grads: torch.Tensor) -> torch.Tensor:
-        if self.preconditioner == "none":
+        if self.preconditioner == "none" or name in self.engine.weight_scales:  # (scaled by the engine)
             return grads
         if name in self._formed_scales:  # adam_factored, 2-D: (a1·ρ γᵀ) ⊙ g + m ⊙ ρ γᵀ
             multiplier, offset = self._formed_scales[name]
@@ -246,7 +258,18 @@ class Featurizer:
                 a, b = a * row_scale, b * col_scale
             projector.add_factored(out, name, a, b)
 
-        _, loss, valid = self.engine(*inputs, consume=consume, consume_factors=consume_factors)
+        def consume_rows(name: str, ids: torch.Tensor, samples: torch.Tensor, values: torch.Tensor) -> None:
+            if name in self._row_adam:  # exact Adam of the touched rows, less the constant part added below
+                c, at_zero = self._row_adam[name]
+                values = AdamConstants(c.a1, c.m[ids], c.a2, c.v[ids], c.eps).apply_(values).sub_(at_zero[ids])
+            elif name in self._factor_scales:  # adam_factored: (a1·ρ_i γ_j) g_ij (m ⊙ ρ γᵀ is in the constant)
+                row_scale, col_scale = self._factor_scales[name]
+                values = values * row_scale[ids][:, None] * col_scale
+            projector.add_rows(out, name, ids, samples, values)
+
+        _, loss, valid = self.engine(
+            *inputs, consume=consume, consume_factors=consume_factors, consume_rows=consume_rows
+        )  # fmt: skip
         if signed is not None:
             out += projector.finish_signed(signed)
         if self._constant is not None:

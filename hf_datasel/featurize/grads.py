@@ -11,8 +11,14 @@ depends only on sample b's activations, those output gradients δ are per-sample
   `x Wᵀ + b` / `x W + b` (checked once, on a random probe, when the engine is built):
   `dW_b = Σ_t δ_bt x_btᵀ` (transposed for the (in, out) layout), `db_b = Σ_t δ_bt` — one
   batched matmul;
-* any other module (RMSNorm, Embedding, ...): `torch.func.vmap` of the module's own VJP over
-  the batch, exact for any module whose forward treats samples independently.
+* an `nn.Embedding` (plain forward): row `i` of `dW_b` is the sum of δ_bt over the tokens t with id i —
+  one scatter; it can also be handed out as its few non-zero rows (`consume_rows`), so a vocabulary-sized
+  gradient is never formed;
+* any other module (RMSNorm, LayerNorm, ...): `torch.func.vmap` of the module's own VJP over
+  the batch, exact for any module whose forward treats samples independently. A module whose 1-D
+  parameters act per channel and affinely (`y = w ⊙ x̂ + b`, `(1 + w) ⊙ x̂`: every norm) takes a
+  shortcut instead, `dw_b = Σ_t δ_bt ⊙ (y(w=1) − y(w=0))_bt` from two batched forwards, once its
+  first call has given the vmap result.
 
 Nothing depends on module shapes by special case. A tensor is split into rows by its leading
 dimension, which must be the batch size B or, for modules that see inputs flattened over batch
@@ -50,6 +56,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from transformers.pytorch_utils import Conv1D
 
 from ..record.per_sample_loss import IGNORE_INDEX
+from .projector import _deterministic
 
 # Weight layouts of linear modules: y = x Wᵀ + b (nn.Linear) and y = x W + b (Conv1D).
 OUT_IN, IN_OUT = "out_in", "in_out"
@@ -65,6 +72,8 @@ class _Owner:
     module: nn.Module
     local_to_name: dict[str, str]  # the module's own attribute name -> canonical parameter name
     layout: str | None  # OUT_IN / IN_OUT for a linear module (batched matmul), None for the vmap path
+    embedding: bool = False  # a plain nn.Embedding: one scatter
+    per_channel: bool | None = None  # 1-D parameters per output channel: None untried, True/False once compared
     verified: bool = False  # its rows, recomputed one at a time, gave the batched output once
 
 
@@ -110,9 +119,14 @@ class PerSampleGradients:
             owned = {local: by_id[id(p)] for local, p in _own_parameters(module) if id(p) in by_id}
             if owned:
                 layout = _linear_layout(module) if set(owned) <= {"weight", "bias"} else None
-                self.owners.append(_Owner(path or type(module).__name__, module, owned, layout))
+                embedding = set(owned) == {"weight"} and _plain_embedding(module)
+                per_channel = None if all(module.get_parameter(local).dim() == 1 for local in owned) else False
+                self.owners.append(
+                    _Owner(path or type(module).__name__, module, owned, layout, embedding, per_channel)
+                )
         self.shapes = {n: tuple(p.shape) for n, p in self.params.items()}
         self._all_params = list(model.parameters())
+        self._checkpointable = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
         self._wanted = {id(p) for p in self.params.values()}
         self._pass_positions = _forward_takes(model, "position_ids")
         owners_of: dict[str, int] = {}
@@ -126,6 +140,13 @@ class PerSampleGradients:
             if o.layout is not None and "weight" in o.local_to_name and owners_of[o.local_to_name["weight"]] == 1
         )
         self.factored: frozenset[str] = frozenset()  # those of them handed out as factors (see `__call__`)
+        # embedding weights whose per-sample gradient can be handed out as its non-zero rows: not tied
+        self.row_sparse_able = frozenset(
+            o.local_to_name["weight"] for o in self.owners if o.embedding and owners_of[o.local_to_name["weight"]] == 1
+        )
+        self.row_sparse: frozenset[str] = frozenset()  # those of them handed out as rows (see `__call__`)
+        # factorable weights whose gradient is wanted scaled, (ρ γᵀ) ⊙ G: applied to the factors, not to G
+        self.weight_scales: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._uses_checked = False
 
     @contextmanager
@@ -147,6 +168,7 @@ class PerSampleGradients:
         labels: torch.Tensor,
         consume: Callable[[str, torch.Tensor], None] | None = None,
         consume_factors: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
+        consume_rows: Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> tuple[dict[str, torch.Tensor] | None, torch.Tensor, torch.Tensor]:
         """Returns (grads or None, per-sample loss (B,), valid (B,) bool).
 
@@ -157,8 +179,12 @@ class PerSampleGradients:
         by that one call only) is never formed: `consume_factors(name, a, b)` gets its per-sample
         gradient as factors, `G_b = Σ_t a_bt b_btᵀ` (see `linear_factors`); a and b are zero on
         padding and on invalid rows, so they contribute nothing.
+
+        With `consume_rows`, the weight of every embedding named in `self.row_sparse` is handed out as
+        its non-zero rows: `consume_rows(name, ids (U,), samples (U,), values (U, d))` means row
+        `ids[u]` of sample `samples[u]`'s gradient is `values[u]`, and every other row is zero.
         """
-        if any(getattr(m, "gradient_checkpointing", False) is True for m in self.model.modules()):
+        if any(m.gradient_checkpointing is True for m in self._checkpointable):
             raise PerSampleGradientError(
                 "gradient checkpointing is on: its recomputed forwards would re-fire the capture hooks; turn it off"
             )
@@ -223,8 +249,19 @@ class PerSampleGradients:
                 grads = {"bias": (a if call.owner.layout == OUT_IN else b).sum(1)} if has_bias else {}
                 owned = {local: name for local, name in call.owner.local_to_name.items() if local != "weight"}
                 remaining[weight] = 0
+            elif (
+                consume_rows is not None
+                and delta is not None
+                and call.owner.embedding
+                and weight in self.row_sparse
+                and uses[weight] == 1
+            ):
+                _check_rows(delta, batch, tokens, f"the output of {call.owner.name}")
+                consume_rows(weight, *embedding_rows(call, delta, batch, tokens))
+                grads, owned = {}, {}
+                remaining[weight] = 0
             else:
-                grads = _module_grads(call, delta, batch, tokens)
+                grads = _module_grads(call, delta, batch, tokens, self.weight_scales.get(weight))
                 owned = call.owner.local_to_name
             for local, name in owned.items():
                 acc[name] = grads[local] if name not in acc else acc[name] + grads[local]
@@ -362,27 +399,120 @@ def linear_factors(call: _Call, delta: torch.Tensor, batch: int, tokens: int) ->
     return (d, x) if call.owner.layout == OUT_IN else (x, d)
 
 
-def _linear_grads(call: _Call, delta: torch.Tensor, batch: int, tokens: int) -> dict[str, torch.Tensor]:
-    """dW_b = Σ_t δ_bt x_btᵀ (x_bt δ_btᵀ for the (in, out) layout), db_b = Σ_t δ_bt, as batched matmuls."""
+def _linear_grads(call: _Call, delta: torch.Tensor, batch: int, tokens: int, scales=None) -> dict[str, torch.Tensor]:
+    """dW_b = Σ_t δ_bt x_btᵀ (x_bt δ_btᵀ for the (in, out) layout), db_b = Σ_t δ_bt, as batched matmuls.
+
+    `scales` (ρ, γ): the weight's gradient comes out as `(ρ γᵀ) ⊙ dW_b`, scaled on the factors.
+    """
     a, b = linear_factors(call, delta, batch, tokens)
     out = {}
-    if "weight" in call.owner.local_to_name:
-        out["weight"] = a.transpose(1, 2) @ b
     if "bias" in call.owner.local_to_name:
         out["bias"] = (a if call.owner.layout == OUT_IN else b).sum(1)
+    if "weight" in call.owner.local_to_name:
+        if scales is not None:
+            a, b = a * scales[0], b * scales[1]
+        out["weight"] = a.transpose(1, 2) @ b
     return out
 
 
 # -- any other module: vmap of its own VJP over the rows ----------------------------------
-def _module_grads(call: _Call, delta: torch.Tensor | None, batch: int, tokens: int) -> dict[str, torch.Tensor]:
+def _module_grads(
+    call: _Call, delta: torch.Tensor | None, batch: int, tokens: int, scales=None
+) -> dict[str, torch.Tensor]:
     module = call.owner.module
     if delta is None:  # the output does not reach the loss (e.g. detached, as in DoRA's weight norm)
         params = {local: module.get_parameter(local) for local in call.owner.local_to_name}
         return {local: torch.zeros(batch, *p.shape, device=p.device) for local, p in params.items()}
     _check_rows(delta, batch, tokens, f"the output of {call.owner.name} ({type(module).__name__})")
     if call.owner.layout is not None:
-        return _linear_grads(call, delta, batch, tokens)
+        return _linear_grads(call, delta, batch, tokens, scales)
+    if scales is not None:
+        raise ValueError(f"{call.owner.name}: gradient scales apply to linear weights only")
+    if call.owner.embedding:
+        return _embedding_grads(call, delta, batch, tokens)
+    if call.owner.per_channel:
+        return _per_channel_grads(call, delta, batch)
+    if call.owner.per_channel is None:  # untried: the shortcut is kept only if it gives the vmap result
+        exact = _vmap_grads(call, delta, batch, tokens)
+        try:
+            quick = _per_channel_grads(call, delta, batch)
+        except (RuntimeError, TypeError, ValueError):  # a module the shortcut cannot even run on
+            quick = None
+        call.owner.per_channel = quick is not None and all(_close(quick[k], v) for k, v in exact.items())
+        return exact
     return _vmap_grads(call, delta, batch, tokens)
+
+
+# -- embeddings: one scatter ----------------------------------------------------------------
+def _plain_embedding(module: nn.Module) -> bool:
+    """An `nn.Embedding` whose forward is the plain lookup (no max_norm renorm, no frequency scaling)."""
+    return (
+        isinstance(module, nn.Embedding)
+        and type(module).forward is nn.Embedding.forward
+        and module.max_norm is None
+        and not module.scale_grad_by_freq
+    )
+
+
+def embedding_rows(
+    call: _Call, delta: torch.Tensor, batch: int, tokens: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, samples, values): the non-zero rows of each sample's embedding gradient (see `__call__`)."""
+    module = call.owner.module
+    ids = _input_tensor(call)
+    _check_rows(ids, batch, tokens, f"the input of {call.owner.name}")
+    ids = _by_row(ids, batch).reshape(batch, -1)
+    d = _by_row(delta, batch).reshape(batch, ids.shape[1], -1).float()
+    vocab = module.num_embeddings
+    keys = torch.arange(batch, device=ids.device)[:, None] * vocab + ids
+    keep = ids != module.padding_idx if module.padding_idx is not None else torch.ones_like(ids, dtype=torch.bool)
+    unique, inverse = torch.unique(keys[keep], return_inverse=True)
+    values = d.new_zeros(len(unique), d.shape[-1])
+    with _deterministic(values.is_cuda):
+        values.index_add_(0, inverse, d[keep])
+    return unique % vocab, unique // vocab, values
+
+
+def _embedding_grads(call: _Call, delta: torch.Tensor, batch: int, tokens: int) -> dict[str, torch.Tensor]:
+    ids, samples, values = embedding_rows(call, delta, batch, tokens)
+    module = call.owner.module
+    grads = values.new_zeros(batch * module.num_embeddings, values.shape[1])
+    grads[samples * module.num_embeddings + ids] = values  # (sample, id) pairs are unique
+    return {"weight": grads.reshape(batch, module.num_embeddings, -1)}
+
+
+# -- per-channel parameters (norms): two batched forwards -------------------------------------
+def _per_channel_grads(call: _Call, delta: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
+    """`dw_b = Σ_t δ_bt ⊙ ∂y_bt/∂w` for 1-D parameters that act per output channel and affinely (every norm).
+
+    `∂y/∂w = y(w = 1) − y(w = 0)` with the module's other parameters at zero: exact for such modules
+    only, which is why its first call is compared with the vmap result (`_module_grads`).
+    """
+    owner = call.owner
+    leaves, spec = tree_flatten((call.args, call.kwargs))
+    args, kwargs = tree_unflatten([a.detach() if torch.is_tensor(a) else a for a in leaves], spec)
+    bare = _Bare(owner.module)
+    zeros = {f"inner.{local}": torch.zeros_like(owner.module.get_parameter(local)) for local in owner.local_to_name}
+    out = {}
+    with torch.no_grad():
+        at_zero = torch.func.functional_call(bare, zeros, tuple(args), kwargs)
+        for local in owner.local_to_name:
+            key = f"inner.{local}"
+            width = zeros[key].shape[0]
+            if delta.shape[-1] != width or at_zero.shape != delta.shape:
+                raise ValueError(f"{owner.name}: output {tuple(at_zero.shape)} is not per channel of {local}")
+            ones = {**zeros, key: torch.ones_like(zeros[key])}
+            slope = torch.func.functional_call(bare, ones, tuple(args), kwargs).float() - at_zero.float()
+            out[local] = _by_row(delta.float() * slope, batch).reshape(batch, -1, width).sum(1)
+    return out
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to the rounding of two summation orders (relative to the larger magnitude)."""
+    if a.shape != b.shape:
+        return False
+    scale = max(a.abs().max().item(), b.abs().max().item()) if a.numel() else 0.0
+    return bool(torch.allclose(a, b, rtol=1e-3, atol=1e-4 * scale))
 
 
 def _vmap_grads(call: _Call, delta: torch.Tensor, batch: int, tokens: int) -> dict[str, torch.Tensor]:

@@ -1,0 +1,179 @@
+"""The engine's shortcuts (embedding scatter and rows, per-channel norms) vs plain autograd and the formed path."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hf_datasel.data import pad_batch, tokenize_rows
+from hf_datasel.featurize import Featurizer, PerSampleGradients, ProjectorSpec, Snapshot
+from hf_datasel.synthetic import make_pool
+
+
+class Scale(torch.nn.Module):
+    """Per channel: y_c = w_c · h_c (what every norm's weight does)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.linspace(-1.0, 2.0, d))
+
+    def forward(self, h):
+        return h * self.weight
+
+
+class Reversed(torch.nn.Module):
+    """A 1-D parameter that is NOT per channel: y_c = h_c + w_{d-1-c}."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.linspace(0.5, -0.5, d))
+
+    def forward(self, h):
+        return h + self.weight.flip(0)
+
+
+class Toy(torch.nn.Module):
+    def __init__(self, vocab: int = 9, d: int = 4):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, d, padding_idx=0)
+        self.scale, self.reversed = Scale(d), Reversed(d)
+        self.head = torch.nn.Linear(d, vocab)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
+        return SimpleNamespace(logits=self.head(torch.tanh(self.reversed(self.scale(self.emb(input_ids))))))
+
+
+def _loop(toy, ids, labels):
+    out = []
+    for i in range(len(ids)):
+        toy.zero_grad()
+        logits = toy(ids[i : i + 1]).logits
+        torch.nn.functional.cross_entropy(logits[0, :-1], labels[i, 1:], ignore_index=-100).backward()
+        out.append({n: p.grad.clone() for n, p in toy.named_parameters()})
+    return out
+
+
+def test_embedding_scatter_and_per_channel_shortcut_are_exact():
+    torch.manual_seed(0)
+    toy = Toy()
+    engine = PerSampleGradients(toy)
+    owners = {o.name: o for o in engine.owners}
+    assert owners["emb"].embedding and not owners["head"].embedding
+    for _ in range(3):  # the first call compares the shortcut with vmap; later calls use what it decided
+        ids = torch.randint(0, 9, (4, 6))
+        ids[0, 1] = ids[0, 3] = 0  # the padding id as a real token: autograd gives its row no gradient
+        ids[1, 2] = ids[1, 4] = 5  # a token twice in one row: its gradients add up
+        labels = ids.clone()
+        labels[2, :3] = -100
+        grads, _, valid = engine(ids, torch.ones_like(ids), labels)
+        assert valid.all()
+        for i, ref in enumerate(_loop(toy, ids, labels)):
+            for name, g in ref.items():
+                torch.testing.assert_close(grads[name][i], g, rtol=1e-5, atol=1e-7)
+        assert grads["emb.weight"][0, 0].abs().max() == 0
+    assert owners["scale"].per_channel is True  # its shortcut gave the vmap result: kept
+    assert owners["reversed"].per_channel is False  # it did not: vmap for good
+
+
+def _untied_llama(vocab: int) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def _snapshot(model) -> Snapshot:
+    gen = torch.Generator().manual_seed(1)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    m = {n: torch.randn(p.shape, generator=gen) * 1e-3 for n, p in params.items()}
+    v = {n: torch.rand(p.shape, generator=gen) * 1e-5 for n, p in params.items()}
+    return Snapshot(3, 1e-3, 1e-3, (0.9, 0.99), 1e-6, 3, params, m, v, {})
+
+
+@pytest.fixture(scope="module")
+def llama_batch(tokenizer):
+    rows = tokenize_rows(make_pool(6, seed=5), tokenizer, 64)
+    return _untied_llama(len(tokenizer)), pad_batch(rows, tokenizer.pad_token_id)
+
+
+def _features(model, shapes, kind, k, precond, batch, rows: bool):
+    featurizer = Featurizer(model, ProjectorSpec.create(shapes, k, seed=2, kind=kind), "cpu", fuse_bytes=0)
+    if not rows:
+        featurizer.engine.row_sparse_able = frozenset()
+    featurizer.set_snapshot(_snapshot(model), precond)
+    assert bool(featurizer.engine.row_sparse) == rows
+    return featurizer.batch_features(batch)[0]
+
+
+@pytest.mark.parametrize("precond", ["none", "adam", "adam_reference", "adam_factored"])
+@pytest.mark.parametrize("kind", ["identity", "sparse", "tensor"])
+def test_embedding_rows_path_equals_the_formed_gradients(llama_batch, kind, precond):
+    """Only the rows a sample's tokens touch are computed; every other row's (constant) direction is added once."""
+    model, batch = llama_batch
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    k = None if kind == "identity" else 512
+    quick = _features(model, shapes, kind, k, precond, batch, rows=True)
+    formed = _features(model, shapes, kind, k, precond, batch, rows=False)
+    scale = formed.abs().max().item()
+    torch.testing.assert_close(quick, formed, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_embedding_rows_path_matches_the_adam_formula_on_loop_gradients(llama_batch, tokenizer):
+    """Exact features through the rows path == AdamW's update direction of one-row autograd gradients."""
+    model, batch = llama_batch
+    names = [n for n, _ in model.named_parameters()]
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    feats = _features(model, shapes, "identity", None, "adam", batch, rows=True).double().numpy()
+    params = dict(model.named_parameters())
+    g = []
+    for i in range(batch["input_ids"].shape[0]):
+        width = int(batch["attention_mask"][i].sum())
+        model.zero_grad()
+        model(**{key: t[i : i + 1, :width] for key, t in batch.items()}).loss.backward()
+        g.append(torch.cat([params[n].grad.reshape(-1) for n in names]).double().numpy())
+    g = np.stack(g)
+    snap = _snapshot(model)
+    m = np.concatenate([snap.exp_avg[n].reshape(-1).double().numpy() for n in names])
+    v = np.concatenate([snap.exp_avg_sq[n].reshape(-1).double().numpy() for n in names])
+    t = snap.optimizer_step + 1
+    expected = ((0.9 * m + 0.1 * g) / (1 - 0.9**t)) / (np.sqrt((0.99 * v + 0.01 * g**2) / (1 - 0.99**t)) + 1e-6)
+    np.testing.assert_allclose(feats, expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+
+
+def test_adam_factored_scales_on_factors_and_rows_keep_biases_exact():
+    """adam_factored: linear weights scaled on their factors, embedding rows scaled, 1-D (biases, norms) exact Adam."""
+    torch.manual_seed(0)
+    toy = Toy()
+    shapes = {n: p.shape for n, p in toy.named_parameters()}
+    snapshot = _snapshot(toy)
+    ids = torch.randint(1, 9, (4, 6))
+    labels = ids.clone()
+    featurizer = Featurizer(toy, ProjectorSpec.create(shapes, None, dtype="float32"), "cpu", fuse_bytes=0)
+    featurizer.set_snapshot(snapshot, "adam_factored")
+    assert set(featurizer.engine.weight_scales) == {"head.weight"} and featurizer.engine.row_sparse == {"emb.weight"}
+    ours = featurizer.batch_features({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})[0]
+    loop = _loop(toy, ids, labels)
+    beta1, beta2 = snapshot.betas
+    t, eps = snapshot.optimizer_step + 1, snapshot.eps
+    c1, c2 = 1 - beta1**t, 1 - beta2**t
+    expected = []
+    for name in shapes:
+        g = torch.stack([row[name] for row in loop]).double()
+        m = snapshot.exp_avg[name].double() * beta1 / c1
+        v = snapshot.exp_avg_sq[name].double() * beta2 / c2
+        if g.dim() == 3:  # Adafactor's rank-one second moment, no per-sample g² term
+            second = (v.sqrt() + eps) ** 2
+            r, c, total = second.sum(1, keepdim=True), second.sum(0, keepdim=True), second.sum()
+            u = ((1 - beta1) / c1 * g + m) * total.sqrt() / (r.sqrt() * c.sqrt())
+        else:
+            u = ((1 - beta1) / c1 * g + m) / (((1 - beta2) / c2 * g * g + v).sqrt() + eps)
+        expected.append(u.reshape(len(g), -1))
+    expected = torch.cat(expected, 1)
+    error = (ours.double() - expected).norm(dim=1) / expected.norm(dim=1)
+    assert float(error.max()) <= 1e-5
