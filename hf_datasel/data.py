@@ -32,9 +32,10 @@ import torch
 from datasets import Dataset
 
 from .record.per_sample_loss import IGNORE_INDEX
-from .rows import strip_row_columns
+from .rows import ROW_HASH, ROW_ID, row_hashes, strip_row_columns
 
 PROCESSING_FILE = "processing.json"
+TRAINER_ROWS_FILE = "trainer_rows.safetensors"  # the recorded trainer's own prepared rows, by raw row id
 _POSITION = "__datasel_position"
 
 Rows = list[dict[str, list[int]]]
@@ -145,20 +146,99 @@ def load_processing(store_path: str | Path) -> RowProcessing:
     return RowProcessing.from_dict(json.loads(path.read_text()))
 
 
+# -- the trainer's own rows -------------------------------------------------------------------
+def save_trainer_rows(store_path: str | Path, train_dataset, processing: RowProcessing) -> bool:
+    """Keep an SFTTrainer's prepared training rows (input ids and labels, by raw row id and hash) in the store.
+
+    Later passes over the training rows (`prepare_rows(..., trainer_rows=...)`) then take the rows
+    the trainer itself trained on instead of preparing them again. Needs the row-id columns
+    (`with_row_ids`); returns whether anything was written.
+    """
+    from safetensors.numpy import save_file
+
+    from .store import atomic_path
+
+    columns = set(getattr(train_dataset, "column_names", None) or ())
+    if processing.format != "sft" or not {ROW_ID, ROW_HASH, "input_ids", "labels"} <= columns:
+        return False
+    keys = [ROW_ID, ROW_HASH, "input_ids", "labels"]
+    table = train_dataset.select_columns(keys).with_format("arrow")[:]  # a selected or shuffled view too
+    arrays = {"row_id": table.column(ROW_ID).to_numpy().astype(np.int64),
+              "row_hash": table.column(ROW_HASH).to_numpy().astype(np.int64)}  # fmt: skip
+    for key in ("input_ids", "labels"):
+        column = table.column(key).combine_chunks()
+        arrays[key] = column.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+        lengths = np.diff(column.offsets.to_numpy())
+        if "lengths" in arrays and not np.array_equal(arrays["lengths"], lengths):
+            return False  # labels that are not token for token: not rows this module can take
+        arrays["lengths"] = lengths
+    metadata = {"processing": json.dumps(processing.to_dict(), sort_keys=True)}
+    with atomic_path(Path(store_path) / TRAINER_ROWS_FILE) as tmp:
+        save_file(arrays, str(tmp), metadata=metadata)
+    return True
+
+
+def _trainer_rows_for(dataset: Dataset, path: Path, processing: RowProcessing) -> dict[int, dict[str, list[int]]]:
+    """Dataset position -> the recorded trainer's row, for the positions whose content the trainer trained on."""
+    from safetensors import safe_open
+
+    if not path.exists():
+        return {}
+    try:
+        with safe_open(str(path), "np") as f:
+            recorded = json.loads((f.metadata() or {}).get("processing", "null"))
+            if recorded != json.loads(json.dumps(processing.to_dict(), sort_keys=True)):
+                return {}  # another truncation or template: the trainer's rows are not these
+            arrays = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception:  # torn or foreign file: prepare the rows again (it is a cache of the trainer's work)
+        return {}
+    hashes = row_hashes(dataset)
+    row_id = arrays["row_id"]
+    inside = row_id < len(dataset)
+    match = np.zeros(len(row_id), bool)
+    match[inside] = hashes[row_id[inside]] == arrays["row_hash"][inside]
+    ends = np.cumsum(arrays["lengths"])
+    starts = ends - arrays["lengths"]
+    ids, labels = arrays["input_ids"], arrays["labels"]
+    return {
+        int(row_id[i]): {
+            "input_ids": ids[starts[i] : ends[i]].tolist(),
+            "labels": labels[starts[i] : ends[i]].tolist(),
+        }
+        for i in np.flatnonzero(match)
+    }
+
+
 # -- rows ------------------------------------------------------------------------------------
 def prepare_rows(
-    dataset: Dataset, tokenizer, processing: RowProcessing | None = None, cache_dir: str | Path | None = None
+    dataset: Dataset,
+    tokenizer,
+    processing: RowProcessing | None = None,
+    cache_dir: str | Path | None = None,
+    trainer_rows: str | Path | None = None,
 ) -> Rows:
     """Per dataset row: `input_ids` and `labels` (-100 where the trainer puts no loss), as the trainer made them.
 
     Row i of the result is row i of `dataset`. A row the trainer would drop (no label token left
     after truncation) comes back as one pad token with no label: it has no gradient and no loss.
-    With `cache_dir`, the rows are kept there (safetensors), keyed by the dataset's fingerprint, the
-    processing and the tokenizer, so a second pass over the same rows skips tokenization.
+    With `trainer_rows` (a run store's `TRAINER_ROWS_FILE`), rows whose content the recorded trainer
+    trained on (same content hash, same processing) are the trainer's own prepared rows; only the
+    others are prepared. With `cache_dir`, prepared rows are kept there (safetensors), keyed by the
+    dataset's fingerprint, the processing and the tokenizer, so a second pass skips tokenization.
     """
     processing = processing or RowProcessing()
     if len(dataset) == 0:
         raise ValueError("The dataset is empty; there is nothing to tokenize.")
+    if trainer_rows is not None and processing.format == "sft":
+        known = _trainer_rows_for(dataset, Path(trainer_rows), processing)
+        if known:
+            rest = [i for i in range(len(dataset)) if i not in known]
+            rows = [known.get(i) for i in range(len(dataset))]
+            if rest:
+                prepared = prepare_rows(dataset.select(rest), tokenizer, processing, cache_dir)
+                for i, row in zip(rest, prepared):
+                    rows[i] = row
+            return _post_collator(rows, tokenizer, processing, only=known)
     if cache_dir is not None:
         path = Path(cache_dir) / f"{_rows_key(dataset, tokenizer, processing)}.safetensors"
         rows = _load_rows(path, len(dataset))
@@ -171,10 +251,16 @@ def prepare_rows(
         rows = _tokenized_rows(dataset, processing)
     else:
         rows = _sft_rows(dataset, tokenizer, processing)
+    return _post_collator(rows, tokenizer, processing)
+
+
+def _post_collator(rows: Rows, tokenizer, processing: RowProcessing, only=None) -> Rows:
+    """Labels as the recorded collator makes them (`only`: positions still to fix, default all)."""
     if processing.collator == "transformers_lm":  # that collator trains on the inputs, pad id masked
         pad = tokenizer.pad_token_id
-        rows = [{"input_ids": r["input_ids"], "labels": [IGNORE_INDEX if t == pad else t for t in r["input_ids"]]}
-                for r in rows]  # fmt: skip
+        for i in range(len(rows)) if only is None else only:
+            ids = rows[i]["input_ids"]
+            rows[i] = {"input_ids": ids, "labels": [IGNORE_INDEX if t == pad else t for t in ids]}
     return rows
 
 

@@ -18,6 +18,7 @@ from transformers import DataCollatorForLanguageModeling, DataCollatorForSeq2Seq
 from trl import SFTConfig, SFTTrainer
 
 from hf_datasel import DataSelector, LossRecorderCallback, SnapshotCallback, with_row_ids
+from hf_datasel.data import TRAINER_ROWS_FILE, load_processing, prepare_rows
 from hf_datasel.featurize import gradient_features
 from hf_datasel.record.trainer_hooks import ROW_LABELS
 from hf_datasel.rows import ROW_ID
@@ -134,6 +135,19 @@ def check_exact(trainer, raw: Dataset, plain_loss: bool = False, pass_model: boo
         assert cosine >= COSINE and relative <= RELATIVE, (row, cosine, relative)
     for row in dropped:  # the trainer never trained on it: no gradient, never a made-up one
         assert not np.isfinite(features.norms[row])
+    check_replay(trainer, raw)
+
+
+def check_replay(trainer, raw: Dataset) -> None:
+    """Rows prepared again from the raw dataset (as for targets and probes) == the trainer's own processed rows."""
+    store = RunStore.for_output_dir(trainer.args.output_dir)
+    replay = prepare_rows(raw, trainer.processing_class, load_processing(store.path))  # no trainer rows: TRL again
+    own = trainer.train_dataset
+    for row, ids in zip(own[ROW_ID], own["input_ids"]):
+        assert replay[row]["input_ids"] == list(ids)
+    if "labels" in own.column_names:
+        for row, labels in zip(own[ROW_ID], own["labels"]):
+            assert replay[row]["labels"] == list(labels)
 
 
 def check_selections(trainer, raw: Dataset, targets: Dataset, pass_model: bool = False) -> None:
@@ -292,3 +306,40 @@ def test_prepared_rows_are_cached_by_dataset_processing_and_tokenizer(tmp_path, 
     for path in tmp_path.iterdir():  # a torn cache is prepared again, never trusted
         path.write_bytes(path.read_bytes()[:40])
     assert data.prepare_rows(raw, chat_tok, processing, cache_dir=tmp_path) == first and len(calls) == 4
+
+
+def test_training_rows_are_the_trainers_own(tmp_path, chat_tok, raw_pool, monkeypatch):
+    """Passes over the training rows take the rows the trainer trained on; only other rows are prepared again."""
+    import hf_datasel.data as data
+
+    raw = _as("messages", raw_pool, chat_tok)
+    trainer = _sft_run(tmp_path, build_model(chat_tok, seed=1), chat_tok, raw, assistant_only_loss=True)
+    store = RunStore.for_output_dir(trainer.args.output_dir)
+    path, processing = store.path / TRAINER_ROWS_FILE, load_processing(store.path)
+    own = {
+        row: (list(i), list(lab))
+        for row, i, lab in zip(*(trainer.train_dataset[c] for c in (ROW_ID, "input_ids", "labels")))
+    }
+    dropped = len(raw) - 1  # its prompt fills max_length: SFTTrainer dropped it, so it is not in the file
+    assert path.exists() and dropped not in own and len(own) == len(raw) - 1
+    prepared = []
+    original = data._sft_rows
+    monkeypatch.setattr(data, "_sft_rows", lambda ds, *a: prepared.append(len(ds)) or original(ds, *a))
+
+    rows = prepare_rows(raw, chat_tok, processing, trainer_rows=path)
+    assert prepared == [1]  # the dropped row only
+    assert all((rows[r]["input_ids"], rows[r]["labels"]) == own[r] for r in own)
+    assert rows[dropped]["labels"] == [-100]  # the placeholder of a row the trainer dropped
+
+    changed = Dataset.from_list([*raw.select(range(2)).to_list(), raw[3], *raw.select(range(3, len(raw))).to_list()])
+    rows = prepare_rows(changed, chat_tok, processing, trainer_rows=path)
+    assert prepared[1:] == [2]  # row 2's content is not what the trainer saw at row 2: prepared, with the dropped row
+    assert rows == prepare_rows(changed, chat_tok, processing)
+    assert all((rows[r]["input_ids"], rows[r]["labels"]) == own[r] for r in own if r != 2)
+
+    shorter = processing.replace(max_length=40)  # another truncation: the trainer's rows are not these
+    assert prepare_rows(raw, chat_tok, shorter, trainer_rows=path) == prepare_rows(raw, chat_tok, shorter)
+    path.write_bytes(path.read_bytes()[:100])  # torn: prepared again, never trusted
+    prepared.clear()
+    assert prepare_rows(raw, chat_tok, processing, trainer_rows=path) == prepare_rows(raw, chat_tok, processing)
+    assert prepared == [len(raw), len(raw)]

@@ -234,6 +234,7 @@ def record_variant(name: str, config: PeersConfig, root: Path, device: torch.dev
     from ..featurize import load_model, load_snapshot, plan_batches, snapshot_steps
     from ..featurize.snapshots import assign_snapshot
     from ..record.snapshot import SnapshotCallback
+    from ..rows import with_row_ids
     from ..store import RunStore
     from ..synthetic import TinyLlamaSpec, build_model, build_tokenizer, make_pool, save_and_reload, tiny_sft_config
 
@@ -251,7 +252,7 @@ def record_variant(name: str, config: PeersConfig, root: Path, device: torch.dev
 
         rank = config.lora_rank
         peft_config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"])
-    dataset = make_pool(config.rows, seed=1)
+    dataset = with_row_ids(make_pool(config.rows, seed=1))  # as a user records: the store keeps the trainer's rows
     out = root / f"{name}-run"
     args = tiny_sft_config(
         out, max_steps=config.train_steps, per_device_train_batch_size=config.batch_size, seed=config.seed,

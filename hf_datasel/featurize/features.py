@@ -37,7 +37,7 @@ import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from ..data import Collator, load_processing, make_collator, prepare_rows, to_left_padding
+from ..data import TRAINER_ROWS_FILE, Collator, load_processing, make_collator, prepare_rows, to_left_padding
 from ..locks import FileLock
 from ..model_state import checkpointing_off, plain_forward
 from ..record.snapshot import read_snapshot_index
@@ -663,11 +663,14 @@ def gradient_features(
     unknown = sorted(set(steps) - set(available))
     if unknown:
         raise StoreError(f"no snapshot at step(s) {unknown}; the run has snapshots at {available}.")
+    trainer_rows = store.path / TRAINER_ROWS_FILE if tokenizer is None else None  # the trainer's own rows
     tokenizer = load_tokenizer(store, tokenizer)
     processing = load_processing(store.path)
     if max_length is not None:
         processing = processing.replace(max_length=max_length)
-    rows = prepare_rows(dataset, tokenizer, processing, cache_dir=store.path / FEATURES_DIR / "rows")
+    rows = prepare_rows(
+        dataset, tokenizer, processing, cache_dir=store.path / FEATURES_DIR / "rows", trainer_rows=trainer_rows
+    )  # fmt: skip
     collate = make_collator(processing, tokenizer, data_collator)
     key = dataset_key(rows)
     shard = shard or (0, 1)

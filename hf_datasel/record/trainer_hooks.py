@@ -89,12 +89,15 @@ def keep_row_ids(trainer: Trainer, who: str) -> None:
 
 
 def record_processing(trainer: Trainer) -> None:
-    """Write how `trainer` turns raw rows into inputs into its run store (main process), for later passes."""
-    from ..data import RowProcessing, save_processing
+    """Write how `trainer` turns raw rows into inputs, and the rows it made, into its run store (main process)."""
+    from ..data import RowProcessing, save_processing, save_trainer_rows
     from ..store import RunStore
 
     if is_main_process():
-        save_processing(RunStore.for_output_dir(trainer.args.output_dir).path, RowProcessing.from_trainer(trainer))
+        path = RunStore.for_output_dir(trainer.args.output_dir).path
+        processing = RowProcessing.from_trainer(trainer)
+        save_processing(path, processing)
+        save_trainer_rows(path, trainer.train_dataset, processing)  # the rows it trains on, for later passes
 
 
 def gather_to_main(obj: Any) -> list[Any] | None:
