@@ -28,17 +28,6 @@ def test_exact_match_overall_and_per_group_by_hand():
         em.compute(predictions=["a"], references=["a"], groups=["g", "h"])
 
 
-def test_exact_match_loads_offline_with_evaluate_load(tmp_path):
-    code = (
-        "import evaluate, json, sys; m = evaluate.load(sys.argv[1]); "
-        "print(json.dumps(m.compute(predictions=['a', 'b'], references=['a', 'c'])))"
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    done = subprocess.run([sys.executable, "-c", code, EXACT_MATCH], capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"exact_match": 0.5}
-
-
 def test_selection_stats_by_hand():
     stats = load_selection_stats()
     # pool of 6 rows: sources a a b b b c; selected rows 0, 2, 3, 5; noisy rows 2, 4; duplicate row 5
@@ -80,13 +69,27 @@ def test_selection_stats_on_a_pool_matches_numpy():
         selection_stats(pool, [300])
 
 
-def test_selection_stats_loads_offline_with_evaluate_load(tmp_path):
+# each shipped metric, loaded by path in a fresh offline process: (folder, compute kwargs, expected subset of output)
+OFFLINE = [
+    (EXACT_MATCH, {"predictions": ["a", "b"], "references": ["a", "c"]}, {"exact_match": 0.5}),
+    (
+        SELECTION_STATS,
+        {"selected": [True, False], "source": ["a", "b"], "target": "a"},
+        {"rows": 1, "target_fraction": 1.0, "pool_target_fraction": 0.5},
+    ),
+]
+
+
+@pytest.mark.parametrize(("folder", "kwargs", "expected"), OFFLINE, ids=["exact_match", "selection_stats"])
+def test_metric_loads_offline_with_evaluate_load(tmp_path, folder, kwargs, expected):
     code = (
         "import evaluate, json, sys; m = evaluate.load(sys.argv[1]); "
-        "print(json.dumps(m.compute(selected=[True, False], source=['a', 'b'], target='a')))"
+        "print(json.dumps(m.compute(**json.loads(sys.argv[2]))))"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    done = subprocess.run([sys.executable, "-c", code, SELECTION_STATS], capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", code, folder, json.dumps(kwargs)], capture_output=True, text=True, env=env
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    assert out["rows"] == 1 and out["target_fraction"] == 1.0 and out["pool_target_fraction"] == 0.5
+    assert {k: out[k] for k in expected} == expected
