@@ -198,14 +198,18 @@ class RunStore:
         with atomic_path(self.array_path(name)) as tmp:
             save_file(contiguous, str(tmp))
 
-    def load_arrays(self, name: str, keys: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
-        """The arrays of record `name`, which must hold at least `keys`.
+    def load_arrays(self, name: str, keys: tuple[str, ...] = (), as_torch: bool = False) -> dict[str, Any]:
+        """The arrays of record `name`, which must hold at least `keys` (`as_torch`: torch tensors, not numpy).
 
         A file that is absent, truncated, corrupt or lacks one of `keys` (another format) is a
         `StoreError` that names it and what to do.
         """
         from safetensors import SafetensorError
-        from safetensors.numpy import load_file
+
+        if as_torch:
+            from safetensors.torch import load_file
+        else:
+            from safetensors.numpy import load_file
 
         if not self.has(name):
             raise StoreError(f"The store at {self.path} has no '{name}' record.")

@@ -177,3 +177,39 @@ def test_adam_factored_scales_on_factors_and_rows_keep_biases_exact():
     expected = torch.cat(expected, 1)
     error = (ours.double() - expected).norm(dim=1) / expected.norm(dim=1)
     assert float(error.max()) <= 1e-5
+
+
+def test_output_gradients_are_handled_inside_the_backward_pass(tokenizer):
+    """Each module's δ is turned into per-sample gradients as backward reaches it (last layer first), so only one
+    is alive at a time; a model that writes into a module's output in place falls back to asking for all at once."""
+    from hf_datasel.synthetic import build_model
+
+    model = build_model(tokenizer, seed=0).eval()
+    batch = pad_batch(tokenize_rows(make_pool(4, seed=2), tokenizer, 64), tokenizer.pad_token_id)
+    order = []
+    engine = PerSampleGradients(model)
+    engine(**batch, consume=lambda name, grads: order.append((name, torch.is_grad_enabled())))
+    layer = [int(n.split(".")[2]) for n, _ in order if n.startswith("model.layers.")]
+    assert layer == sorted(layer, reverse=True) and layer[0] > layer[-1]  # backward order
+    assert not any(enabled for name, enabled in order if name.startswith("model.layers."))  # inside autograd
+
+    class InPlace(torch.nn.Module):  # adds into its Linear's output in place, as Falcon's decoder layer does
+        def __init__(self):
+            super().__init__()
+            self.emb, self.lin, self.head = torch.nn.Embedding(9, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 9)
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
+            h = self.emb(input_ids)
+            out = self.lin(h)
+            out += h
+            return SimpleNamespace(logits=self.head(torch.tanh(out)))
+
+    torch.manual_seed(0)
+    toy = InPlace()
+    ids = torch.randint(0, 9, (3, 5))
+    engine = PerSampleGradients(toy)
+    grads, _, _ = engine(ids, torch.ones_like(ids), ids)
+    assert engine._tap is False
+    for i, ref in enumerate(_loop(toy, ids, ids)):
+        for name, g in ref.items():
+            torch.testing.assert_close(grads[name][i], g, rtol=1e-5, atol=1e-7)

@@ -44,6 +44,7 @@ whole batch is caught by the leading-dimension check above.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -148,6 +149,7 @@ class PerSampleGradients:
         # factorable weights whose gradient is wanted scaled, (ρ γᵀ) ⊙ G: applied to the factors, not to G
         self.weight_scales: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._uses_checked = False
+        self._tap = True  # output gradients handled inside the backward pass (see `_Tap`)
 
     @contextmanager
     def _only_these_trainable(self):
@@ -190,6 +192,8 @@ class PerSampleGradients:
             )
         batch, tokens = input_ids.shape
         calls: list[_Call] = []
+        anchor = torch.zeros((), device=input_ids.device, requires_grad=True) if self._tap else None
+        done: list[bool] = []
 
         def capture(owner: _Owner):
             def hook(module, args, kwargs, output):
@@ -198,42 +202,22 @@ class PerSampleGradients:
                         f"{owner.name} ({type(module).__name__}) returned {type(output).__name__}, not a tensor"
                     )
                 calls.append(_Call(owner, args, kwargs, output))
+                done.append(False)
+                if anchor is not None and output.requires_grad:  # δ is handled the moment backward reaches it
+                    return _Tap.apply(output, anchor, functools.partial(process, len(calls) - 1))
+                return None
 
             return hook
 
-        hooks = [o.module.register_forward_hook(capture(o), with_kwargs=True) for o in self.owners]
-        try:
-            with self._only_these_trainable(), torch.enable_grad():
-                extra = {"position_ids": _positions(attention_mask)} if self._pass_positions else {}
-                out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
-                loss, valid = _per_sample_loss(out.logits, labels)
-                total = loss.masked_fill(~valid, 0.0).sum()
-                if not self._uses_checked:  # structural: the model's graph is the same for every batch
-                    names = {id(p): n for n, p in self.params.items()}
-                    _check_parameter_uses(total, calls, self._wanted, names)
-                    self._uses_checked = True
-                differentiable = [i for i, c in enumerate(calls) if c.output.requires_grad]
-                deltas: list[torch.Tensor | None] = [None] * len(calls)
-                if valid.any() and differentiable:
-                    found = torch.autograd.grad(total, [calls[i].output for i in differentiable], allow_unused=True)
-                    for i, d in zip(differentiable, found):
-                        deltas[i] = d
-        finally:
-            for h in hooks:
-                h.remove()
-        remaining = {n: 0 for n in self.param_names}
-        for c in calls:
-            for name in c.owner.local_to_name.values():
-                remaining[name] += 1
-        uses = dict(remaining)
+        remaining: dict[str, int] = {}
+        uses: dict[str, int] = {}
+        acc: dict[str, torch.Tensor] = {}
         result: dict[str, torch.Tensor] | None = {} if consume is None else None
         emit = consume if consume is not None else result.__setitem__
-        for name, count in remaining.items():  # parameters never used in the forward: zero gradient
-            if count == 0:
-                emit(name, torch.zeros(batch, *self.shapes[name], device=input_ids.device))
-        acc: dict[str, torch.Tensor] = {}
-        for i, (call, delta) in enumerate(zip(calls, deltas)):
-            calls[i] = None  # free activations as we go
+
+        def process(i: int, delta: torch.Tensor | None) -> None:
+            """Turn call i's output gradient into its parameters' per-sample gradients (then free the call)."""
+            call, calls[i], done[i] = calls[i], None, True
             weight = call.owner.local_to_name.get("weight")
             if (
                 consume_factors is not None
@@ -268,7 +252,69 @@ class PerSampleGradients:
                 remaining[name] -= 1
                 if remaining[name] == 0:
                     emit(name, acc.pop(name))
+
+        hooks = [o.module.register_forward_hook(capture(o), with_kwargs=True) for o in self.owners]
+        try:
+            with self._only_these_trainable(), torch.enable_grad():
+                extra = {"position_ids": _positions(attention_mask)} if self._pass_positions else {}
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+                loss, valid = _per_sample_loss(out.logits, labels)
+                total = loss.masked_fill(~valid, 0.0).sum()
+                if not self._uses_checked:  # structural: the model's graph is the same for every batch
+                    names = {id(p): n for n, p in self.params.items()}
+                    _check_parameter_uses(total, calls, self._wanted, names)
+                    self._uses_checked = True
+                for c in calls:
+                    for name in c.owner.local_to_name.values():
+                        remaining[name] = remaining.get(name, 0) + 1
+                uses.update(remaining)
+                for name in self.param_names:  # parameters never used in the forward: zero gradient
+                    if name not in remaining:
+                        emit(name, torch.zeros(batch, *self.shapes[name], device=input_ids.device))
+                differentiable = [i for i, c in enumerate(calls) if c.output.requires_grad]
+                if valid.any() and differentiable:
+                    if anchor is not None:  # every tap lies on a path to the anchor: each δ passes through once
+                        for c in calls:  # outputs still to be compared once are kept; the others may be freed
+                            o = c.owner
+                            if o.layout is not None or o.embedding or o.per_channel or o.verified:
+                                c.output = None
+                        torch.autograd.grad(total, anchor, allow_unused=True)
+                    else:
+                        outputs = [calls[i].output for i in differentiable]
+                        for i, d in zip(differentiable, torch.autograd.grad(total, outputs, allow_unused=True)):
+                            process(i, d)
+        except RuntimeError as err:
+            if anchor is None or "is a view and is being modified inplace" not in str(err):
+                raise
+            self._tap = False  # the model writes into a module's output: ask autograd for every δ at once
+        finally:
+            for h in hooks:
+                h.remove()
+        if not self._tap and anchor is not None:  # the forward refused the taps: run it again without them
+            return self(input_ids, attention_mask, labels, consume, consume_factors, consume_rows)
+        for i, finished in enumerate(done):  # outputs that never reached the loss (or no valid row)
+            if not finished:
+                process(i, None)
         return result, loss.detach(), valid
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on a module's output whose backward hands its gradient δ to a callback as soon as it is final.
+
+    Processing each δ inside the backward pass (instead of asking autograd for all of them at once)
+    keeps one output gradient alive at a time, as a training step does. The scalar `anchor` input puts
+    every tap on a path to the one tensor the backward is asked for, so none is skipped.
+    """
+
+    @staticmethod
+    def forward(ctx, output, anchor, callback):
+        ctx.callback = callback
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, delta):
+        ctx.callback(delta)
+        return delta, None, None
 
 
 # -- owners: the modules whose calls the hooks see -----------------------------------------

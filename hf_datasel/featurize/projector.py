@@ -174,13 +174,15 @@ class Projector:
         self.offsets = offsets
         self._full_sparse: torch.Tensor | None = None
 
-    def chunk(self, name: str, index: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def chunk(self, name: str, index: int, keep: bool = True) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Rows [index*chunk_rows, ...) of parameter `name`'s block of R: a (rows, k) float32 matrix,
-        or for "sparse" the (output index, sign) of each row."""
+        or for the sketch kinds the (output index, sign) of each row; `keep=False`: not cached."""
         key = (name, index)
         cached = self._cache.get(key)
         if cached is not None:
             return cached
+        if not keep:
+            key = None
         spec = self.spec
         numel = math.prod(self._shapes[name])
         rows = min(spec.chunk_rows, numel - index * spec.chunk_rows)
@@ -203,8 +205,8 @@ class Projector:
             mat = torch.randn((rows, spec.k), generator=gen, dtype=torch.float32).mul_(1.0 / math.sqrt(spec.k))
         return self._keep(key, mat.to(self.device), mat.numel() * 4)
 
-    def _keep(self, key: tuple[str, int], mat, size: int):
-        if self._cached_bytes + size <= self.cache_bytes:
+    def _keep(self, key: tuple[str, int] | None, mat, size: int):
+        if key is not None and self._cached_bytes + size <= self.cache_bytes:
             self._cache[key] = mat
             self._cached_bytes += size
         return mat
@@ -308,7 +310,7 @@ class Projector:
         cached = self._cache.get(key)
         if cached is not None:
             return cached
-        target, sign = self.chunk(name, index)
+        target, sign = self.chunk(name, index, keep=False)  # only the signed form is kept (8 bytes a coordinate)
         return self._keep(key, target + self.spec.k * (sign < 0), target.numel() * 8)
 
     def add_signed(self, out2: torch.Tensor, name: str, grads: torch.Tensor) -> None:

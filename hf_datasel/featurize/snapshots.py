@@ -48,9 +48,9 @@ def load_snapshot(store: RunStore, step: int) -> Snapshot:
             "Record the run with SnapshotCallback."
         )
     entry = entries[step]
-    arrays = store.load_arrays(snapshot_name(step))
+    arrays = store.load_arrays(snapshot_name(step), as_torch=True)  # owned tensors: no second copy
     names = entry["param_names"]
-    params = {n: torch.from_numpy(arrays[f"param::{n}"].copy()) for n in names}
+    params = {n: arrays[f"param::{n}"] for n in names}
     moments = entry.get("has_moments", False)
     return Snapshot(
         step=int(step),
@@ -60,8 +60,8 @@ def load_snapshot(store: RunStore, step: int) -> Snapshot:
         eps=float(entry["eps"]),
         optimizer_step=entry.get("optimizer_step"),
         params=params,
-        exp_avg={n: torch.from_numpy(arrays[f"exp_avg::{n}"].copy()) for n in names} if moments else None,
-        exp_avg_sq={n: torch.from_numpy(arrays[f"exp_avg_sq::{n}"].copy()) for n in names} if moments else None,
+        exp_avg={n: arrays[f"exp_avg::{n}"] for n in names} if moments else None,
+        exp_avg_sq={n: arrays[f"exp_avg_sq::{n}"] for n in names} if moments else None,
         entry=entry,
     )
 
