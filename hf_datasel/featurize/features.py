@@ -448,7 +448,7 @@ def _write_batch(unit, norms, local: np.ndarray, feats: torch.Tensor, valid: tor
     u[~ok] = float("nan")
     norm = torch.where(ok, norm, torch.full_like(norm, float("nan")))
     order = np.argsort(local)  # ascending file rows: sequential memmap writes
-    unit[local[order]] = u.cpu().numpy()[order].astype(unit.dtype)
+    unit[local[order]] = u.to(getattr(torch, unit.dtype.name)).cpu().numpy()[order]  # cast on the device
     norms[local[order]] = norm.cpu().numpy()[order]
 
 
