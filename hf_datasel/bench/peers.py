@@ -16,9 +16,10 @@ Methods (per model variant):
   (`k=None`, LoRA only) and every sketch kind in `projector.ProjectorKind` that is not a dense
   matrix (CountSketch "sparse" and any factored/tensor sketch the library has), at `k`;
 * **library end to end** — the public `gradient_features(store, dataset, ...)` on a fresh copy of the
-  store (copied outside the timing), so it tokenizes the raw rows as the trainer did, batches them and
-  writes the fp16 features and the resume log; the model object is passed in (`model=`, progress off),
-  as bergson's API takes one;
+  store (copied outside the timing): it hashes the raw rows, takes the rows the recording trainer kept in
+  the store for them (the rows it trained on, as in a user's run: the dataset went through `with_row_ids`),
+  loads the snapshot, batches the rows and writes and merges the fp16 features and the resume log; the model
+  object is passed in (`model=`, progress off), as bergson's API takes one;
 * **bergson** (only when `import bergson` works; `pip install hf_datasel[bench]`) —
   `bergson.collect_gradients` end to end, writing its on-disk index to a fresh folder, with a fresh
   `GradientProcessor` per call (so its projection matrices are built inside the call, as ours are):
