@@ -158,8 +158,9 @@ def save_trainer_rows(store_path: str | Path, train_dataset, processing: RowProc
 
     from .store import atomic_path
 
-    columns = set(getattr(train_dataset, "column_names", None) or ())
-    if processing.format != "sft" or not {ROW_ID, ROW_HASH, "input_ids", "labels"} <= columns:
+    if not isinstance(train_dataset, Dataset) or processing.format != "sft":  # (an IterableDataset is not kept)
+        return False
+    if not {ROW_ID, ROW_HASH, "input_ids", "labels"} <= set(train_dataset.column_names):
         return False
     keys = [ROW_ID, ROW_HASH, "input_ids", "labels"]
     table = train_dataset.select_columns(keys).with_format("arrow")[:]  # a selected or shuffled view too
