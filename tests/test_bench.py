@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from hf_datasel.bench.quality import (
     markdown_table,
     run_quality,
     seed_data,
+    unseen_config,
     write_reports,
 )
 from hf_datasel.bench.recorder import run_recorder_bench
@@ -52,7 +54,9 @@ def test_quality_writes_json_plot_and_table(quality):
     on_disk = json.loads((root / "docs" / "quality.json").read_text())
     assert on_disk["summary"] == json.loads(json.dumps(result["summary"]))
     assert (root / "docs" / "quality.png").stat().st_size > 0
-    assert "| s2l |" in (root / "docs" / "quality.md").read_text()
+    report = (root / "docs" / "quality.md").read_text()
+    assert "| s2l |" in report and "# unseen pools (family 'unseen'" in report
+    assert "| less_5pct_target_em_vs_full |" not in report  # no LESS run here: no LESS goal row
     assert set(on_disk) >= {"settings", "machine", "pool", "runs", "summary", "summary_by_protocol", "goals"}
     methods = {r["method"] for r in result["runs"]}
     assert methods == {"random", "s2l", ORACLE, FULL}
@@ -68,6 +72,13 @@ def test_quality_writes_json_plot_and_table(quality):
         assert run["eval"]["all"]["exact_match"] == pytest.approx(all_em)  # every task counts equally
         assert run["steps"] == (config.large_steps if run["protocol"] == "steps" else -(-run["rows"] // 16))
     assert set(result["goals"]) == {"pool_noisy_fraction", "steps", "epochs"}
+    unseen = result["unseen"]  # the same benchmark on the unseen family, on other seeds
+    assert unseen["settings"]["family"] == "unseen" and unseen["settings"]["target_task"] == "vf"
+    assert unseen["settings"]["seeds"] == [s + config.unseen_seed_offset for s in config.seeds]
+    assert len(unseen["runs"]) == len(result["runs"]) and set(unseen["goals"]) == set(result["goals"])
+    assert {r["seed"] for r in unseen["runs"]} == set(unseen["settings"]["seeds"])
+    assert set(unseen["runs"][0]["eval"]["per_task_exact_match"]) == set(unseen_config(config).task_mix())
+    assert on_disk["unseen"]["summary"] == json.loads(json.dumps(unseen["summary"]))
     table = markdown_table(result, 0.5, "epochs")
     assert "| full pool (100 %) |" in table and "| oracle (clean target rows) |" in table
     assert "| random |" in budget_table(result)
@@ -76,13 +87,16 @@ def test_quality_writes_json_plot_and_table(quality):
     assert (root / "again" / "quality.md").read_text() == (root / "docs" / "quality.md").read_text()
 
 
-def test_quality_counts_come_from_the_selections(quality):
+@pytest.mark.parametrize("family", ["own", "unseen"])
+def test_quality_counts_come_from_the_selections(quality, family):
     config, result, root = quality
+    if family == "unseen":
+        config, result = unseen_config(config), result["unseen"]
     for seed in config.seeds:
         pool = seed_data(config, seed)["pool"]
         noisy = np.asarray(pool["is_noisy"])
         is_target = np.asarray(pool["task"]) == config.target_task
-        selections = json.loads((root / "runs" / f"seed-{seed}" / "selections.json").read_text())
+        selections = json.loads((Path(config.output_dir) / f"seed-{seed}" / "selections.json").read_text())
         runs = [r for r in result["runs"] if r["seed"] == seed]
         full = [r for r in runs if r["method"] == FULL]
         assert len(full) == 2 and {r["rows"] for r in full} == {config.pool_size}
@@ -98,6 +112,9 @@ def test_quality_counts_come_from_the_selections(quality):
             assert run["noisy_rows"] == int(noisy[idx].sum())
             assert run["noisy_fraction"] == pytest.approx(noisy[idx].mean())
             assert run["target_rows"] == int(is_target[idx].sum())
+            assert run["duplicate_fraction"] == pytest.approx(np.asarray(pool["is_duplicate"])[idx].mean())
+            tasks, counts = np.unique(np.asarray(pool["task"])[idx], return_counts=True)
+            assert run["rows_per_task"] == dict(zip(tasks.tolist(), counts.tolist()))
         pool_info = next(p for p in result["pool"] if p["seed"] == seed)
         assert pool_info["noisy_fraction"] == pytest.approx(noisy.mean())
 
@@ -114,9 +131,12 @@ def test_quality_summary_is_mean_and_spread_over_seeds(quality):
     assert result["summary"]["s2l"]["0.5"]["all_loss"]["min"] == pytest.approx(min(losses))
 
 
-def test_quality_unknown_variant_is_refused():
+def test_quality_unknown_variant_or_family_is_refused():
     with pytest.raises(ValueError, match="unknown variant"):
         run_quality(QualityConfig(variants=("nope",)), write=False)
+    with pytest.raises(ValueError, match="unknown pool family"):
+        run_quality(QualityConfig(unseen="nope"), write=False)
+    assert unseen_config(QualityConfig(unseen=None)) is None
 
 
 def test_recorder_bench_times_every_step_after_warmup(tmp_path):
