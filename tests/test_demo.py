@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from hf_datasel.synthetic.tasks import MIX
+from hf_datasel.synthetic.mix import BENCH
 
 
 def test_demo_cli_end_to_end(tmp_path):
@@ -30,10 +30,12 @@ def test_demo_cli_end_to_end(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["less"]["rows"] == results["s2l"]["rows"] == results["random"]["rows"] == 32
     for name in ("less", "s2l", "random"):
-        assert set(results[name]["eval"]["per_task_exact_match"]) == set(MIX)
+        assert set(results[name]["eval"]["per_task_exact_match"]) == set(BENCH.mix)
         for part in ("target", "all"):
             assert 0 <= results[name]["eval"][part]["exact_match"] <= 1
         assert 0 <= results[name]["noisy_fraction"] <= 1 and 0 <= results[name]["target_fraction"] <= 1
+        assert sum(results[name]["rows_per_task"].values()) == 32
+    assert results["target_task"] == BENCH.target
     assert "held-out eval" in done.stdout and "LESS vs random" in done.stdout
 
 
