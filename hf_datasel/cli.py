@@ -489,11 +489,11 @@ def push(
 def demo(
     output_dir: str = typer.Option("runs/demo", help="Where the runs, the store and results.json go."),
     pool_size: int = typer.Option(2000, min=50, help="Rows in the synthetic pool."),
-    budget: float = typer.Option(0.2, min=0.0, max=1.0, help="Fraction of the pool to select, in (0, 1]."),
+    budget: float = typer.Option(0.05, min=0.0, max=1.0, help="Fraction of the pool to select, in (0, 1]."),
     large_steps: int = typer.Option(300, min=1, help="Training steps of the large model on each subset."),
     seed: int = typer.Option(0),
 ) -> None:
-    """Record with a tiny proxy model, select 20 % with S2L and at random, train a larger model on each."""
+    """Record with a tiny proxy model, select 5 % with LESS, S2L and at random, fine-tune a larger model on each."""
     with user_errors():
         from .demo import DemoConfig, run_demo
 

@@ -321,3 +321,17 @@ def test_rows_appended_after_recording_are_refused_unless_allowed(run, pool):
     assert "warning: " in allowed.stderr and "1 row(s) count as never recorded" in allowed.stderr
     loss = invoke(*common[:3], "-m", "loss", "-b", "97", "-o", run / "loss", "--allow-unrecorded-rows")
     assert_user_error(loss, "96 rows")  # the appended row has no loss: loss-based methods cannot pick it
+
+
+@pytest.mark.parametrize(("flag", "unseen"), [([], "unseen"), (["--no-unseen"], None)])
+def test_bench_quality_flags_reach_its_config(monkeypatch, flag, unseen):
+    """`bench quality` passes its options to the benchmark's config (the run itself is the bench's test)."""
+    import hf_datasel.bench.quality as quality
+
+    seen = []
+    monkeypatch.setattr(quality, "run_quality", lambda config: seen.append(config) or {"goals": {}})
+    monkeypatch.setattr(quality, "markdown_table", lambda result: "")
+    result = invoke("bench", "quality", "--seed", 7, "--variant", "less", *flag)
+    assert result.exit_code == 0, result.output
+    (config,) = seen
+    assert config.unseen == unseen and config.seeds == (7,) and config.variants == ("less",)
