@@ -79,7 +79,7 @@ def run_demo(config: DemoConfig | None = None, console: Console | None = None) -
     torch.set_num_threads(1)  # tiny models: one thread is as fast as two, and two thrash on a busy machine
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # the demo's own sections say what is happening; no per-map bars
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # (the featurizer's bars follow this switch too)
     try:
         return _run(config, console)
     finally:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
 
 from ..data import TRAINER_ROWS_FILE, Collator, load_processing, make_collator, prepare_rows, to_left_padding
 from ..locks import FileLock
@@ -508,7 +509,8 @@ def featurize_rows(
         pending_bytes = 0
 
     try:
-        for b in tqdm(todo, desc=desc, disable=not progress, unit="batch"):
+        bars = progress and hf_logging.is_progress_bar_enabled()  # transformers' switch turns ours off too
+        for b in tqdm(todo, desc=desc, disable=not bars, unit="batch"):
             positions = plan[b]
             batch = collate([rows[i] for i in positions])
             if padding_side == "left":
