@@ -53,6 +53,14 @@ def test_the_wheel_installs_and_its_cli_records_outside_the_checkout(tmp_path):
     )
     package, recipe = where.split()
     assert package.startswith(str(tmp_path / "venv")) and recipe.startswith(str(Path(package).parent))
+    shipped = run(  # the evaluate metrics load offline from the installed package, not from a checkout
+        str(python), "-c",
+        "import json; from hf_datasel import metrics as m; m.load_exact_match(); "
+        "s = m.load_selection_stats().compute(selected=[True, False], source=['a', 'b']); "
+        "print(json.dumps([m.EXACT_MATCH, m.SELECTION_STATS, s['rows']]))",
+    )  # fmt: skip
+    exact, stats, rows = json.loads(shipped.strip().splitlines()[-1])
+    assert exact.startswith(str(Path(package).parent)) and stats.startswith(str(Path(package).parent)) and rows == 1
     assert "hf-datasel record" in run(str(cli), "--help")
     assert run(str(cli), "--version").strip().startswith("hf-datasel ")
 
