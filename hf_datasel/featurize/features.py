@@ -214,11 +214,10 @@ class Featurizer:
                     self._row_adam[name] = (c, at_zero[0])
                 continue
             rho, gamma = c.factored_scale()  # (a1·g + m) ⊙ ρ γᵀ: ρ·a1 on the rows, γ on the columns, m ⊙ ρ γᵀ once
-            if name in self.engine.factored or name in self.engine.row_sparse:
-                self._factor_scales[name] = (rho * c.a1, gamma)
-                self.projector.add(constant, name, (c.m * rho[:, None] * gamma[None, :])[None])
-            elif name in self.engine.factorable:  # formed from scaled factors: no pass over the formed gradient
-                self.engine.weight_scales[name] = (rho * c.a1, gamma)
+            if name in self.engine.factorable or name in self.engine.row_sparse:
+                # sketched from factors or rows (Featurizer), or formed from scaled factors (engine): no pass over G
+                sketched = name in self.engine.factored or name in self.engine.row_sparse
+                (self._factor_scales if sketched else self.engine.weight_scales)[name] = (rho * c.a1, gamma)
                 self.projector.add(constant, name, (c.m * rho[:, None] * gamma[None, :])[None])
             else:
                 scale = rho[:, None] * gamma[None, :]

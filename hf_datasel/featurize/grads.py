@@ -472,8 +472,6 @@ def _module_grads(
     _check_rows(delta, batch, tokens, f"the output of {call.owner.name} ({type(module).__name__})")
     if call.owner.layout is not None:
         return _linear_grads(call, delta, batch, tokens, scales)
-    if scales is not None:
-        raise ValueError(f"{call.owner.name}: gradient scales apply to linear weights only")
     if call.owner.embedding:
         return _embedding_grads(call, delta, batch, tokens)
     if call.owner.per_channel:
