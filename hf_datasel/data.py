@@ -187,10 +187,10 @@ def _trainer_rows_for(dataset: Dataset, path: Path, processing: RowProcessing) -
         return {}
     try:
         with safe_open(str(path), "np") as f:
-            recorded = json.loads((f.metadata() or {}).get("processing", "null"))
-            if recorded != json.loads(json.dumps(processing.to_dict(), sort_keys=True)):
+            if (f.metadata() or {}).get("processing") != json.dumps(processing.to_dict(), sort_keys=True):
                 return {}  # another truncation or template: the trainer's rows are not these
             arrays = {key: f.get_tensor(key) for key in f.keys()}
+        rows = _split_rows(arrays)
     except Exception:  # torn or foreign file: prepare the rows again (it is a cache of the trainer's work)
         return {}
     hashes = row_hashes(dataset)
@@ -198,16 +198,7 @@ def _trainer_rows_for(dataset: Dataset, path: Path, processing: RowProcessing) -
     inside = row_id < len(dataset)
     match = np.zeros(len(row_id), bool)
     match[inside] = hashes[row_id[inside]] == arrays["row_hash"][inside]
-    ends = np.cumsum(arrays["lengths"])
-    starts = ends - arrays["lengths"]
-    ids, labels = arrays["input_ids"], arrays["labels"]
-    return {
-        int(row_id[i]): {
-            "input_ids": ids[starts[i] : ends[i]].tolist(),
-            "labels": labels[starts[i] : ends[i]].tolist(),
-        }
-        for i in np.flatnonzero(match)
-    }
+    return {int(row_id[i]): rows[i] for i in np.flatnonzero(match)}
 
 
 # -- rows ------------------------------------------------------------------------------------
@@ -306,7 +297,12 @@ def _load_rows(path: Path, num_rows: int) -> Rows | None:
             return None
     except Exception:  # torn or foreign file: prepare the rows again
         return None
-    cuts = np.cumsum(lengths)[:-1]
+    return _split_rows(arrays)
+
+
+def _split_rows(arrays: dict[str, np.ndarray]) -> Rows:
+    """Rows from the flat `input_ids` / `labels` arrays and per-row `lengths` they are stored as."""
+    cuts = np.cumsum(arrays["lengths"])[:-1]
     ids, labels = np.split(arrays["input_ids"], cuts), np.split(arrays["labels"], cuts)
     return [{"input_ids": i.tolist(), "labels": lab.tolist()} for i, lab in zip(ids, labels)]
 
