@@ -396,32 +396,63 @@ def _is_complete(folder: Path) -> bool:
     return (folder / "meta.json").exists() and bool(_read_meta(folder).get("complete"))
 
 
+class _RowFile:
+    """Rows of an existing .npy array on disk, written in place with `os.pwrite`.
+
+    The rows go to the page cache, not into this process's memory (a memmap's written pages stay in
+    its resident set, so featurizing a large dataset would look like holding all its features).
+    """
+
+    def __init__(self, path: Path):
+        array = np.load(path, mmap_mode="r", allow_pickle=False)  # the header: shape, dtype, data offset
+        self.shape, self.dtype, self._offset = array.shape, array.dtype, array.offset
+        del array
+        self._row_bytes = self.dtype.itemsize * math.prod(self.shape[1:])
+        self._fd = os.open(path, os.O_RDWR)
+
+    def write(self, rows: np.ndarray, values: np.ndarray) -> None:
+        """`array[rows] = values` for ascending `rows`, one write per run of consecutive rows."""
+        values = np.ascontiguousarray(values, dtype=self.dtype)
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        for start, end in zip([0, *breaks.tolist()], [*breaks.tolist(), len(rows)]):
+            data = memoryview(values[start:end]).cast("B")
+            offset = self._offset + int(rows[start]) * self._row_bytes
+            while data:  # pwrite may write less than asked
+                written = os.pwrite(self._fd, data, offset)
+                data, offset = data[written:], offset + written
+
+    def sync(self) -> None:
+        os.fdatasync(self._fd)  # on disk before `done.log` says so
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
 def _open_shard(folder: Path, rows: np.ndarray, spec: ProjectorSpec, plan_info: dict) -> tuple[Any, Any, set[int]]:
-    """Open (or create) a shard's memmaps; returns (unit, norms, done batch numbers)."""
+    """Open (or create) a shard's arrays; returns (unit, norms, done batch numbers)."""
     progress_path = folder / "progress.json"
     if progress_path.exists():
         try:  # a shard folder is scratch: one torn by a crash or a full disk is started over
             progress = read_json(progress_path, "")
             if progress.get("plan") == plan_info:
-                unit = np.lib.format.open_memmap(folder / "unit.npy", mode="r+")
-                norms = np.lib.format.open_memmap(folder / "norms.npy", mode="r+")
+                unit, norms = _RowFile(folder / "unit.npy"), _RowFile(folder / "norms.npy")
                 if unit.shape == (len(rows), spec.k) and norms.shape == (len(rows),):
                     return unit, norms, _done_batches(folder)
+                unit.close()
+                norms.close()
         except (StoreError, ValueError, OSError):
             pass
         shutil.rmtree(folder)  # another batch plan, or torn: its batches are not ours to reuse
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / "rows.npy", rows)
-    unit = np.lib.format.open_memmap(
+    unit = np.lib.format.open_memmap(  # a sparse file of the right size: nothing is written yet
         folder / "unit.npy", mode="w+", dtype=np.dtype(spec.dtype), shape=(len(rows), spec.k)
     )
-    norms = np.lib.format.open_memmap(folder / "norms.npy", mode="w+", dtype=np.float32, shape=(len(rows),))
-    norms[:] = np.nan
-    unit.flush()
-    norms.flush()
+    del unit
+    np.save(folder / "norms.npy", np.full(len(rows), np.nan, np.float32))
     (folder / DONE_LOG).write_text("")
     write_json(progress_path, {"plan": plan_info})
-    return unit, norms, set()
+    return _RowFile(folder / "unit.npy"), _RowFile(folder / "norms.npy"), set()
 
 
 def _done_batches(folder: Path) -> set[int]:
@@ -439,7 +470,7 @@ def _mark_done(folder: Path, batches: Sequence[int]) -> None:
         f.write("".join(f"{b}\n" for b in batches))  # a torn last line is ignored on reading
 
 
-def _write_batch(unit, norms, local: np.ndarray, feats: torch.Tensor, valid: torch.Tensor) -> None:
+def _write_batch(unit: _RowFile, norms: _RowFile, local: np.ndarray, feats: torch.Tensor, valid: torch.Tensor) -> None:
     feats = feats.detach().float()
     norm = torch.linalg.vector_norm(feats, dim=1)
     ok = valid & torch.isfinite(norm)
@@ -447,9 +478,9 @@ def _write_batch(unit, norms, local: np.ndarray, feats: torch.Tensor, valid: tor
     u = feats / safe[:, None]
     u[~ok] = float("nan")
     norm = torch.where(ok, norm, torch.full_like(norm, float("nan")))
-    order = np.argsort(local)  # ascending file rows: sequential memmap writes
-    unit[local[order]] = u.to(getattr(torch, unit.dtype.name)).cpu().numpy()[order]  # cast on the device
-    norms[local[order]] = norm.cpu().numpy()[order]
+    order = np.argsort(local)  # ascending file rows: sequential writes
+    unit.write(local[order], u.to(getattr(torch, unit.dtype.name)).cpu().numpy()[order])  # cast on the device
+    norms.write(local[order], norm.cpu().numpy()[order])
 
 
 def featurize_rows(
@@ -500,8 +531,8 @@ def featurize_rows(
     def flush(unit, norms) -> None:
         nonlocal pending_bytes
         if pending:
-            unit.flush()
-            norms.flush()
+            unit.sync()
+            norms.sync()
             _mark_done(work, pending)  # only after the arrays: a lost line only means recomputing a batch
             done.update(pending)
             pending.clear()
@@ -522,8 +553,11 @@ def featurize_rows(
                 flush(unit, norms)
             stats["batches_computed"] += 1
     finally:  # an exception or Ctrl-C keeps every finished batch; only a kill loses the unflushed ones
-        flush(unit, norms)
-    del unit, norms
+        try:
+            flush(unit, norms)
+        finally:
+            unit.close()
+            norms.close()
     if merge_shards(folder, raise_if_incomplete=False):
         stats["merged"] = 1
     return stats
