@@ -40,6 +40,7 @@ def test_demo_cli_end_to_end(tmp_path):
     assert results["target_task"] == BENCH.target
     assert "held-out eval" in done.stdout and "LESS vs random" in done.stdout
     assert "features @ step" not in done.stderr  # the demo's sections say what happens: no progress bars
+    assert "train_runtime" not in done.stdout  # nor the Trainer's log dicts
 
 
 def test_cli_bad_input_is_one_line_not_a_traceback():

@@ -93,7 +93,7 @@ from ..record.snapshot import SnapshotCallback
 from ..rows import with_row_ids
 from ..selector import DataSelector, resolve_budget
 from ..store import write_json
-from ..synthetic import LARGE, PROXY, build_model, build_tokenizer, tiny_sft_config
+from ..synthetic import LARGE, PROXY, build_model, build_tokenizer, tiny_sft_config, without_log_prints
 from ..synthetic.mix import FAMILIES, make_family_mix, make_family_rows
 from ..synthetic.tasks import generic_corpus
 from .recorder import machine
@@ -244,7 +244,8 @@ def pretrained_base(config: QualityConfig, log=print, model: str = "large") -> P
             max_length=64,
             seed=0,
         )
-        SFTTrainer(model=model_, args=args, train_dataset=corpus, processing_class=tokenizer).train()
+        trainer = SFTTrainer(model=model_, args=args, train_dataset=corpus, processing_class=tokenizer)
+        without_log_prints(trainer).train()
     torch.set_num_threads(threads)
     model_.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -280,7 +281,7 @@ def fine_tune(
             **length,
         )
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
-        trainer.train()
+        without_log_prints(trainer).train()
     model.eval()
     return model, tokenizer, time.perf_counter() - started, int(trainer.state.global_step)
 
@@ -318,7 +319,7 @@ def record_proxy(config: QualityConfig, pool: Dataset, seed: int, out: Path):
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=with_row_ids(pool), processing_class=tokenizer, callbacks=callbacks
     )
-    trainer.train()
+    without_log_prints(trainer).train()
     callbacks[0].detach()
     return trainer.model, tokenizer, used
 

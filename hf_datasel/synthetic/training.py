@@ -6,6 +6,7 @@ import dataclasses
 import os
 
 import torch
+from transformers import PrinterCallback, Trainer
 from trl import SFTConfig
 
 # transformers 5.24 renamed `gradient_checkpointing` to `activation_checkpointing` (the old name warns);
@@ -38,3 +39,10 @@ def tiny_sft_config(output_dir: str | os.PathLike, **overrides) -> SFTConfig:
     )
     settings.update(overrides)
     return SFTConfig(**settings)
+
+
+def without_log_prints(trainer: Trainer) -> Trainer:
+    """`trainer` without the callback that prints its log dicts (with progress bars off, the end-of-training
+    summary would land in the demo's and the benchmarks' own output)."""
+    trainer.remove_callback(PrinterCallback)
+    return trainer
