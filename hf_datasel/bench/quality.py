@@ -18,7 +18,7 @@ Per seed:
    up a pretrained model), trains 5 epochs on the pool with `LossRecorderCallback` (per-row losses
    + a loss sweep at every save) and `SnapshotCallback` (weights + Adam moments, once an epoch),
    exactly as a user would record;
-3. each method selects 5 % and 10 % of the pool: LESS and G2IS for the target task, S2L the
+3. each method selects 1, 5, 10, 20 and 30 % of the pool: LESS and G2IS for the target task, S2L the
    paper's way (no target; the pool's `task` column as its source, equal split, smallest first);
    random is the baseline. The **oracle** is the same number of clean target-task rows (drawn
    fresh, not from the pool): what a perfect targeted selection could give;
@@ -132,7 +132,7 @@ class QualityConfig:
     family: str = "bench"  # a `hf_datasel.synthetic.mix.FAMILIES` name: tasks, shares, target, conflict
     unseen: str | None = "unseen"  # a family never calibrated on, run on other seeds; None: skip it
     unseen_seed_offset: int = 100  # the unseen family's seeds are `seeds` + this
-    budgets: tuple[float, ...] = (0.05, 0.1)
+    budgets: tuple[float, ...] = (0.01, 0.05, 0.1, 0.2, 0.3)  # the goals: G2IS at 1–5 %, S2L at 10–30 %
     seeds: tuple[int, ...] = (0, 1, 2)
     variants: tuple[str, ...] | None = None  # None: DEFAULT_VARIANTS
     protocols: tuple[str, ...] = PROTOCOLS
