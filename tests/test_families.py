@@ -21,7 +21,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from hf_datasel.featurize.grads import IN_OUT, OUT_IN, PerSampleGradientError, PerSampleGradients, _linear_layout
-from hf_datasel.synthetic.families import FAMILIES, build_family_model, lora_targets
+from hf_datasel.synthetic.families import FAMILIES, MOE_FAMILIES, build_family_model, lora_targets
 
 # (prompt, completion) pairs of different lengths; the prompt's tokens are labelled -100.
 PAIRS = [
@@ -142,6 +142,39 @@ def test_adapter_variants(tokenizer, family_rows, family, adapter, variant_param
     got = torch.cat([grads[n].reshape(len(family_rows), -1) for n in engine.param_names], dim=1)
     relative = (got - reference).double().norm(dim=1) / reference.double().norm(dim=1)
     assert valid.all() and relative.max() <= RELATIVE_ERROR, f"relative error per row {relative.tolist()}"
+
+
+def _is_router(name: str) -> bool:
+    return name.endswith("mlp.gate.weight")  # Mixtral's and Qwen3-MoE's top-k routers
+
+
+@pytest.mark.parametrize("setup", ["lora", "experts"])
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_mixture_of_experts_per_sample_gradients_equal_one_row_autograd(tokenizer, family_rows, family, setup):
+    """LoRA on the attention of an MoE model, and full fine-tuning with the routers frozen: the fused 3-D expert
+    weights (each token through its top-k experts) go through the generic per-row path, exactly."""
+    model = _model(family, tokenizer, lora=setup == "lora")
+    if setup == "experts":
+        for name, p in model.named_parameters():
+            p.requires_grad_(not _is_router(name))
+    engine = PerSampleGradients(model)
+    if setup == "experts":
+        assert any("experts" in n and len(model.get_parameter(n).shape) == 3 for n in engine.param_names)
+    reference = _reference(model, family_rows, engine.param_names)
+    grads, _, valid = engine(**_pad(family_rows, tokenizer.pad_token_id, "right"))
+    got = torch.cat([grads[n].reshape(len(family_rows), -1) for n in engine.param_names], dim=1)
+    relative = (got - reference).double().norm(dim=1) / reference.double().norm(dim=1)
+    assert valid.all() and relative.max() <= RELATIVE_ERROR, f"relative error per row {relative.tolist()}"
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_trainable_moe_router_is_refused_with_what_to_do(tokenizer, family_rows, family):
+    """A router returns (logits, scores, indices): no per-sample gradient is given for it, and the error says why
+    and what to do instead of returning numbers."""
+    engine = PerSampleGradients(_model(family, tokenizer, lora=False))
+    assert any(_is_router(n) for n in engine.param_names)
+    with pytest.raises(PerSampleGradientError, match=r"mlp\.gate .*mixture-of-experts router.*requires_grad=False"):
+        engine(**_pad(family_rows, tokenizer.pad_token_id, "right"))
 
 
 # -- linear modules are recognised by what they compute --------------------------------------

@@ -199,7 +199,9 @@ class PerSampleGradients:
             def hook(module, args, kwargs, output):
                 if not torch.is_tensor(output):
                     raise PerSampleGradientError(
-                        f"{owner.name} ({type(module).__name__}) returned {type(output).__name__}, not a tensor"
+                        f"{owner.name} ({type(module).__name__}) returned {type(output).__name__}, not a tensor, so "
+                        "its parameters' per-sample gradients cannot be had (a mixture-of-experts router is such a "
+                        "module): freeze them (requires_grad=False) or train LoRA adapters on linear layers instead"
                     )
                 calls.append(_Call(owner, args, kwargs, output))
                 done.append(False)

@@ -4,7 +4,8 @@ Each model is built from its config (nothing is downloaded) with a few layers an
 keeping what makes the family different: fused q/k/v (GPT-2 `c_attn`, GPT-NeoX
 `query_key_value`, Phi-3 `qkv_proj`), Conv1D weights (GPT-2), grouped-query attention
 (Llama, Qwen, Mistral, Gemma, Phi-3), learned positions (GPT-2, OPT), layers that see inputs
-flattened over batch and tokens (OPT), soft-capping and sliding windows (Gemma 2/3).
+flattened over batch and tokens (OPT), soft-capping and sliding windows (Gemma 2/3), top-k routed
+experts with fused 3-D expert weights (Mixtral, Qwen3-MoE).
 """
 
 from __future__ import annotations
@@ -16,6 +17,13 @@ FAMILIES = (
     "llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3",
     "gpt2", "gpt_neox", "opt", "falcon", "olmo2",
 )  # fmt: skip
+# Mixture-of-experts families (routers and fused expert weights): LoRA on their attention is exact; their
+# routed experts have no per-sample gradient the engine can give, and it says so.
+MOE_FAMILIES = ("mixtral", "qwen3_moe")
+_MOE = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1),
+}
 
 # LoRA target modules per family: attention projections under their own names.
 LORA_TARGETS = {
@@ -38,8 +46,8 @@ def family_config(
     bos_token_id: int | None = None,
 ):
     """A tiny fp32 config of `family` (a `model_type`) for a tokenizer of `vocab_size` tokens."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
+    if family not in FAMILIES + MOE_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES + MOE_FAMILIES}")
     ids = {"pad_token_id": pad_token_id, "eos_token_id": eos_token_id, "bos_token_id": bos_token_id}
     ids = {k: v for k, v in ids.items() if v is not None}
     if family == "gpt2":
@@ -80,8 +88,9 @@ def family_config(
             intermediate_size=_FFN,
             max_position_embeddings=_POSITIONS,
         )
-        if family in ("gemma2", "gemma3_text", "qwen3"):
+        if family in ("gemma2", "gemma3_text", "qwen3", "qwen3_moe"):
             kw["head_dim"] = _HIDDEN // _HEADS
+        kw.update(_MOE.get(family, {}))
         if family in ("gemma2", "gemma3_text"):
             kw["sliding_window"] = 16
     config = AutoConfig.for_model(family, vocab_size=vocab_size, **kw, **ids)
