@@ -235,12 +235,12 @@ def test_interrupted_featurization_resumes_without_recomputing(tmp_path, tokeniz
 
 
 def test_row_file_writes_scattered_rows_in_place(tmp_path):
-    """The shard writer: runs of consecutive rows and single rows land where numpy assignment puts them."""
+    """The shard writer: runs of consecutive rows, single rows and rows out of order land where numpy puts them."""
     path = tmp_path / "unit.npy"
     reference = np.full((9, 5), np.nan, np.float16)
     np.save(path, reference)
     rows = features_module._RowFile(path)
-    for positions in ([0, 1, 2], [4], [6, 8]):
+    for positions in ([0, 1, 2], [4], [8, 6], [7, 3, 5]):
         values = np.random.default_rng(len(positions)).standard_normal((len(positions), 5))
         rows.write(np.asarray(positions), values)  # float64 in: cast to the file's dtype
         reference[positions] = values

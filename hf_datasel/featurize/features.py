@@ -411,12 +411,17 @@ class _RowFile:
         self._fd = os.open(path, os.O_RDWR)
 
     def write(self, rows: np.ndarray, values: np.ndarray) -> None:
-        """`array[rows] = values` for ascending `rows`, one write per run of consecutive rows."""
+        """`array[rows] = values`, one write per run of rows consecutive both in the file and in `values`."""
         values = np.ascontiguousarray(values, dtype=self.dtype)
-        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-        for start, end in zip([0, *breaks.tolist()], [*breaks.tolist(), len(rows)]):
-            data = memoryview(values[start:end]).cast("B")
-            offset = self._offset + int(rows[start]) * self._row_bytes
+        if not len(values):
+            return
+        order = np.argsort(rows, kind="stable")  # ascending file rows: sequential writes
+        sorted_rows = np.asarray(rows)[order]
+        breaks = (np.flatnonzero((np.diff(sorted_rows) != 1) | (np.diff(order) != 1)) + 1).tolist()
+        for start, end in zip([0, *breaks], [*breaks, len(order)]):
+            first = int(order[start])
+            data = memoryview(values[first : first + end - start]).cast("B")
+            offset = self._offset + int(sorted_rows[start]) * self._row_bytes
             while data:  # pwrite may write less than asked
                 written = os.pwrite(self._fd, data, offset)
                 data, offset = data[written:], offset + written
@@ -474,13 +479,11 @@ def _write_batch(unit: _RowFile, norms: _RowFile, local: np.ndarray, feats: torc
     feats = feats.detach().float()
     norm = torch.linalg.vector_norm(feats, dim=1)
     ok = valid & torch.isfinite(norm)
-    safe = torch.where(norm > 0, norm, torch.ones_like(norm))
-    u = feats / safe[:, None]
-    u[~ok] = float("nan")
-    norm = torch.where(ok, norm, torch.full_like(norm, float("nan")))
-    order = np.argsort(local)  # ascending file rows: sequential writes
-    unit.write(local[order], u.to(getattr(torch, unit.dtype.name)).cpu().numpy()[order])  # cast on the device
-    norms.write(local[order], norm.cpu().numpy()[order])
+    divisor = torch.where(ok, torch.where(norm > 0, norm, 1.0), float("nan"))  # NaN: an undefined gradient
+    u = torch.empty(feats.shape, dtype=getattr(torch, unit.dtype.name), device=feats.device)
+    torch.div(feats, divisor[:, None], out=u)  # divided and cast in one pass, on the device
+    unit.write(local, u.cpu().numpy())
+    norms.write(local, torch.where(ok, norm, float("nan")).cpu().numpy())
 
 
 def featurize_rows(
