@@ -83,7 +83,21 @@ class _Call:
     owner: _Owner
     args: tuple
     kwargs: dict
-    output: torch.Tensor
+    output: torch.Tensor | tuple | None  # a tensor, or a tuple of tensors and Nones (an MoE router's)
+
+
+def _output_parts(output: object) -> tuple | None:
+    """A module call's output as a tuple (a tensor is one part); None when it is not tensors (and Nones)."""
+    if torch.is_tensor(output):
+        return (output,)
+    if isinstance(output, (tuple, list)) and all(o is None or torch.is_tensor(o) for o in output):
+        return tuple(output)
+    return None
+
+
+def _grad_parts(output: torch.Tensor | tuple) -> list[tuple[int, torch.Tensor]]:
+    """(position, tensor) of the output parts gradients flow back through."""
+    return [(j, o) for j, o in enumerate(_output_parts(output)) if torch.is_tensor(o) and o.requires_grad]
 
 
 class PerSampleGradients:
@@ -197,12 +211,18 @@ class PerSampleGradients:
 
         def capture(owner: _Owner):
             def hook(module, args, kwargs, output):
-                if not torch.is_tensor(output):
+                if _output_parts(output) is None:
                     raise PerSampleGradientError(
-                        f"{owner.name} ({type(module).__name__}) returned {type(output).__name__}, not a tensor, so "
-                        "its parameters' per-sample gradients cannot be had (a mixture-of-experts router is such a "
-                        "module): freeze them (requires_grad=False) or train LoRA adapters on linear layers instead"
+                        f"{owner.name} ({type(module).__name__}) returned {type(output).__name__}, not tensors, "
+                        "so its parameters' per-sample gradients cannot be had: freeze them (requires_grad=False) "
+                        "or train LoRA adapters on linear layers instead"
                     )
+                if not torch.is_tensor(output):  # each part through an identity node: its gradient is then
+                    # only what reaches it from outside the call, not also what flows from one part into another
+                    parts = tuple(o.view_as(o) if torch.is_tensor(o) and o.requires_grad else o for o in output)
+                    calls.append(_Call(owner, args, kwargs, parts))
+                    done.append(False)
+                    return type(output)(parts) if type(output) in (tuple, list) else type(output)(*parts)
                 calls.append(_Call(owner, args, kwargs, output))
                 done.append(False)
                 if anchor is not None and output.requires_grad:  # δ is handled the moment backward reaches it
@@ -273,18 +293,24 @@ class PerSampleGradients:
                 for name in self.param_names:  # parameters never used in the forward: zero gradient
                     if name not in remaining:
                         emit(name, torch.zeros(batch, *self.shapes[name], device=input_ids.device))
-                differentiable = [i for i, c in enumerate(calls) if c.output.requires_grad]
+                differentiable = [i for i, c in enumerate(calls) if _grad_parts(c.output)]
                 if valid.any() and differentiable:
+                    # without taps, autograd is asked for every δ at once; with them, only for tuple outputs' parts
+                    late = [i for i in differentiable if anchor is None or not torch.is_tensor(calls[i].output)]
+                    parts = [(i, j, o) for i in late for j, o in _grad_parts(calls[i].output)]
                     if anchor is not None:  # every tap lies on a path to the anchor: each δ passes through once
                         for c in calls:  # outputs still to be compared once are kept; the others may be freed
                             o = c.owner
-                            if o.layout is not None or o.embedding or o.per_channel or o.verified:
+                            tapped = torch.is_tensor(c.output)
+                            if tapped and (o.layout is not None or o.embedding or o.per_channel or o.verified):
                                 c.output = None
-                        torch.autograd.grad(total, anchor, allow_unused=True)
-                    else:
-                        outputs = [calls[i].output for i in differentiable]
-                        for i, d in zip(differentiable, torch.autograd.grad(total, outputs, allow_unused=True)):
-                            process(i, d)
+                    asked = ([anchor] if anchor is not None else []) + [o for _, _, o in parts]
+                    deltas = torch.autograd.grad(total, asked, allow_unused=True)[len(asked) - len(parts) :]
+                    by_call: dict[int, list] = {i: [None] * len(_output_parts(calls[i].output)) for i in late}
+                    for (i, j, _), d in zip(parts, deltas):
+                        by_call[i][j] = d
+                    for i in late:
+                        process(i, by_call[i][0] if torch.is_tensor(calls[i].output) else tuple(by_call[i]))
         except RuntimeError as err:
             if anchor is None or "is a view and is being modified inplace" not in str(err):
                 raise
@@ -465,10 +491,15 @@ def _linear_grads(call: _Call, delta: torch.Tensor, batch: int, tokens: int, sca
 
 # -- any other module: vmap of its own VJP over the rows ----------------------------------
 def _module_grads(
-    call: _Call, delta: torch.Tensor | None, batch: int, tokens: int, scales=None
+    call: _Call, delta: torch.Tensor | tuple | None, batch: int, tokens: int, scales=None
 ) -> dict[str, torch.Tensor]:
     module = call.owner.module
-    if delta is None:  # the output does not reach the loss (e.g. detached, as in DoRA's weight norm)
+    if isinstance(delta, tuple) and any(d is not None for d in delta):  # several outputs (an MoE router's)
+        for d in delta:
+            if d is not None:
+                _check_rows(d, batch, tokens, f"an output of {call.owner.name} ({type(module).__name__})")
+        return _vmap_grads(call, delta, batch, tokens)
+    if delta is None or isinstance(delta, tuple):  # no output reaches the loss (e.g. DoRA's detached weight norm)
         params = {local: module.get_parameter(local) for local in call.owner.local_to_name}
         return {local: torch.zeros(batch, *p.shape, device=p.device) for local, p in params.items()}
     _check_rows(delta, batch, tokens, f"the output of {call.owner.name} ({type(module).__name__})")
@@ -561,14 +592,15 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.allclose(a, b, rtol=1e-3, atol=1e-4 * scale))
 
 
-def _vmap_grads(call: _Call, delta: torch.Tensor, batch: int, tokens: int) -> dict[str, torch.Tensor]:
+def _vmap_grads(call: _Call, delta: torch.Tensor | tuple, batch: int, tokens: int) -> dict[str, torch.Tensor]:
     """Per-sample VJP of one module call, vmapped over the batch (any module that treats rows independently).
 
     Every tensor in the call's arguments (nested in tuples, lists, dicts too) whose leading
     dimension is B or B·T is split by rows, so each row's call sees what a batch of one would
     (a (1, ...) or a flattened (T, ...) tensor); everything else is passed to every row
     unchanged. The rows' recomputed outputs must equal the batched output, or the module mixes
-    rows and its per-sample gradient is not what this computes.
+    rows and its per-sample gradient is not what this computes. A tuple output (`delta` a tuple of
+    its parts' gradients, None where a part gets none) is differentiated through its floating parts.
     """
     owner = call.owner
     leaves, spec = tree_flatten((call.args, call.kwargs))
@@ -581,23 +613,34 @@ def _vmap_grads(call: _Call, delta: torch.Tensor, batch: int, tokens: int) -> di
         )
     bare = _Bare(owner.module)  # the module's forward without its hooks (e.g. transformers' input-grad hook)
     detached = {f"inner.{local}": owner.module.get_parameter(local).detach() for local in owner.local_to_name}
+    if torch.is_tensor(delta):
+        picked, cotangents = None, (delta,)
+    else:  # the floating parts; a part without a gradient gets zeros
+        outputs = call.output
+        picked = [j for j, o in enumerate(outputs) if torch.is_tensor(o) and o.is_floating_point()]
+        for j in picked:
+            _check_rows(outputs[j], batch, tokens, f"an output of {owner.name} ({type(owner.module).__name__})")
+        cotangents = tuple(delta[j] if delta[j] is not None else torch.zeros_like(outputs[j]) for j in picked)
 
-    def one(rows: tuple[torch.Tensor, ...], g: torch.Tensor):
+    def one(rows: tuple[torch.Tensor, ...], g: tuple[torch.Tensor, ...]):
         full = list(leaves)
         for i, a in zip(slots, rows):
             full[i] = a
         args, kwargs = tree_unflatten(full, spec)
 
         def f(p):
-            return torch.func.functional_call(bare, p, tuple(args), kwargs)
+            out = torch.func.functional_call(bare, p, tuple(args), kwargs)
+            return (out,) if picked is None else tuple(out[j] for j in picked)
 
         output, vjp = torch.func.vjp(f, detached)
         return vjp(g)[0], output
 
     rows = tuple(_by_row(leaves[i], batch) for i in slots)
-    grads, outputs = torch.func.vmap(one)(rows, _by_row(delta.detach(), batch))
+    grads, outputs = torch.func.vmap(one)(rows, tuple(_by_row(g.detach(), batch) for g in cotangents))
     if not owner.verified:  # a module that mixes rows does so in every batch: checked on its first
-        _check_same_output(outputs, call.output.detach(), owner)
+        batched = (call.output,) if picked is None else tuple(call.output[j] for j in picked)
+        for per_row, whole in zip(outputs, batched):
+            _check_same_output(per_row, whole.detach(), owner)
         owner.verified = True
     return {k.removeprefix("inner."): v.float() for k, v in grads.items()}
 
@@ -651,14 +694,13 @@ def _check_parameter_uses(total: torch.Tensor, calls: list[_Call], wanted: set[i
         return
     inside = set()
     for c in calls:
-        if c.output.grad_fn is None:
-            continue
         owned = {id(c.owner.module.get_parameter(local)) for local in c.owner.local_to_name}
         inputs = {t.grad_fn for t in tree_flatten((c.args, c.kwargs))[0] if torch.is_tensor(t) and t.grad_fn}
-        for node in _walk(c.output.grad_fn, inputs):
-            for child, _ in node.next_functions:
-                if id(getattr(child, "variable", None)) in owned:
-                    inside.add((node, id(child.variable)))
+        for _, part in _grad_parts(c.output):
+            for node in _walk(part.grad_fn, inputs) if part.grad_fn is not None else ():
+                for child, _ in node.next_functions:
+                    if id(getattr(child, "variable", None)) in owned:
+                        inside.add((node, id(child.variable)))
     for node in _walk(total.grad_fn, set()):
         for child, _ in node.next_functions:
             param = getattr(child, "variable", None)

@@ -17,8 +17,7 @@ FAMILIES = (
     "llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3",
     "gpt2", "gpt_neox", "opt", "falcon", "olmo2",
 )  # fmt: skip
-# Mixture-of-experts families (routers and fused expert weights): LoRA on their attention is exact; their
-# routed experts have no per-sample gradient the engine can give, and it says so.
+# Mixture-of-experts families: top-k routers returning (logits, scores, indices), fused 3-D expert weights.
 MOE_FAMILIES = ("mixtral", "qwen3_moe")
 _MOE = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
