@@ -22,7 +22,7 @@ bench_app = typer.Typer(
 @bench_app.command()
 def quality(
     mode: str = typer.Option(
-        "quick", help="quick (3 seeds, own + unseen pools, ~27 min on 2 CPU cores) or full (5 seeds, larger)."
+        "quick", help="quick (3 seeds, own + unseen pools, ~31 min on 2 CPU cores) or full (5 seeds, larger)."
     ),
     seeds: Annotated[
         list[int] | None, typer.Option("--seed", help="Seeds to run (repeat the option); default by mode.")
@@ -40,7 +40,7 @@ def quality(
     results_dir: str = typer.Option("docs/bench", help="Where quality.json, quality.png and quality.md go."),
     unseen: bool = typer.Option(True, help="Also run the unseen pool family (never used to choose a setting)."),
 ) -> None:
-    """Fine-tune a pretrained larger model on each method's 5/10 % subset, the oracle and the full pool."""
+    """Fine-tune a pretrained larger model on each method's 1-30 % subsets, the oracle and the full pool."""
     from .quality import PROTOCOLS, QualityConfig, markdown_table, run_quality
 
     if mode not in ("quick", "full"):

@@ -1,6 +1,6 @@
 """Selection quality in the papers' regime: does a subset chosen by each method teach a pretrained model?
 
-    hf-datasel bench quality                 # quick mode (3 seeds, 5/10 %, own + unseen pools), ~25 min on 2 cores
+    hf-datasel bench quality                 # quick mode (3 seeds, 1-30 %, own + unseen pools), ~31 min on 2 cores
     hf-datasel bench quality --mode full     # 5 seeds, larger pool and eval sets
     python -m hf_datasel.bench.quality --mode quick [--no-unseen]
 
