@@ -24,7 +24,7 @@ from hf_datasel.record.trainer_hooks import ROW_LABELS
 from hf_datasel.rows import ROW_ID
 from hf_datasel.store import RunStore, StoreError
 from hf_datasel.synthetic import build_chat_tokenizer, build_model, make_pool
-from hf_datasel.synthetic.families import FAMILIES, build_family_model, lora_targets
+from hf_datasel.synthetic.families import FAMILIES, MOE_FAMILIES, build_family_model, lora_targets
 
 COSINE, RELATIVE = 0.9999, 1e-3  # fp32 per-row gradients of the same loss on the same inputs
 
@@ -230,7 +230,7 @@ def test_plain_trainer_on_pretokenized_rows(tmp_path, chat_tok, raw_pool, collat
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + MOE_FAMILIES)
 def test_every_family_featurizes_what_was_trained(tmp_path, chat_tok, raw_pool, family, lora):
     raw = _as("prompt_completion", raw_pool, chat_tok).select(range(6))
     model = build_family_model(family, chat_tok, seed=0)
