@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
 
 import numpy as np
@@ -234,8 +235,13 @@ def test_interrupted_featurization_resumes_without_recomputing(tmp_path, tokeniz
     np.testing.assert_array_equal(resumed.norms, full.norms)
 
 
-def test_row_file_writes_scattered_rows_in_place(tmp_path):
-    """The shard writer: runs of consecutive rows, single rows and rows out of order land where numpy puts them."""
+@pytest.mark.parametrize("system", ["posix", "no-pwrite-no-fdatasync"])
+def test_row_file_writes_scattered_rows_in_place(tmp_path, monkeypatch, system):
+    """The shard writer: runs of consecutive rows, single rows and rows out of order land where numpy puts them;
+    also where `os.pwrite` (Windows) or `os.fdatasync` (macOS) does not exist."""
+    if system != "posix":
+        monkeypatch.delattr(os, "pwrite", raising=False)
+        monkeypatch.delattr(os, "fdatasync", raising=False)
     path = tmp_path / "unit.npy"
     reference = np.full((9, 5), np.nan, np.float16)
     np.save(path, reference)

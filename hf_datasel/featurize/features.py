@@ -396,6 +396,13 @@ def _is_complete(folder: Path) -> bool:
     return (folder / "meta.json").exists() and bool(_read_meta(folder).get("complete"))
 
 
+def _pwrite(fd: int, data: memoryview, offset: int) -> int:
+    if hasattr(os, "pwrite"):
+        return os.pwrite(fd, data, offset)
+    os.lseek(fd, offset, os.SEEK_SET)  # Windows: no pwrite (one writer per shard file, so seek + write is safe)
+    return os.write(fd, data)
+
+
 class _RowFile:
     """Rows of an existing .npy array on disk, written in place with `os.pwrite`.
 
@@ -408,7 +415,7 @@ class _RowFile:
         self.shape, self.dtype, self._offset = array.shape, array.dtype, array.offset
         del array
         self._row_bytes = self.dtype.itemsize * math.prod(self.shape[1:])
-        self._fd = os.open(path, os.O_RDWR)
+        self._fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
 
     def write(self, rows: np.ndarray, values: np.ndarray) -> None:
         """`array[rows] = values`, one write per run of rows consecutive both in the file and in `values`."""
@@ -422,12 +429,12 @@ class _RowFile:
             first = int(order[start])
             data = memoryview(values[first : first + end - start]).cast("B")
             offset = self._offset + int(sorted_rows[start]) * self._row_bytes
-            while data:  # pwrite may write less than asked
-                written = os.pwrite(self._fd, data, offset)
+            while data:  # a write may write less than asked
+                written = _pwrite(self._fd, data, offset)
                 data, offset = data[written:], offset + written
 
     def sync(self) -> None:
-        os.fdatasync(self._fd)  # on disk before `done.log` says so
+        getattr(os, "fdatasync", os.fsync)(self._fd)  # on disk before `done.log` says so (macOS: no fdatasync)
 
     def close(self) -> None:
         os.close(self._fd)
