@@ -448,13 +448,7 @@ def select_seed(
     stats = subset_stats(pool, range(len(pool)), config.target_task)
     pool_info = {
         "seed": seed,
-        "rows": stats["pool_rows"],
-        "noisy_rows": stats["noisy_rows"],
-        "noisy_fraction": stats["pool_noisy_fraction"],
-        "target_rows": stats["target_rows"],
-        "target_fraction": stats["pool_target_fraction"],
-        "duplicate_fraction": stats["pool_duplicate_fraction"],
-        "rows_per_task": stats["pool_rows_by_source"],
+        **_subset_fields(stats),
         "record_seconds": round(record_seconds, 1),
     }
     return jobs, pool_info
@@ -467,6 +461,12 @@ SUBSET_FLAGS = {"noisy": "is_noisy", "duplicate": "is_duplicate"}
 def subset_stats(pool: Dataset, indices, target: str) -> dict[str, Any]:
     """The shipped `evaluate` selection statistics of `indices` in `pool` (noisy, duplicate and target shares)."""
     return selection_stats(pool, list(indices), source="task", target=target, flags=SUBSET_FLAGS)
+
+
+def _subset_fields(stats: dict[str, Any]) -> dict[str, Any]:
+    """What a run record (or a pool's, the whole pool as its subset) keeps of `subset_stats`."""
+    keys = ("rows", "noisy_rows", "noisy_fraction", "target_rows", "target_fraction", "duplicate_fraction")
+    return {**{k: stats[k] for k in keys}, "rows_per_task": stats["rows_by_source"]}
 
 
 def train_job(config: QualityConfig, job: dict, base: Path | None, threads: int | None = None) -> dict:
@@ -490,14 +490,8 @@ def train_job(config: QualityConfig, job: dict, base: Path | None, threads: int 
         "budget": budget,
         "protocol": job["protocol"],
         "steps": steps,
-        "rows": stats["rows"],
         "budget_rows": resolve_budget(budget, len(pool)) if name != FULL else len(pool),
-        "noisy_rows": stats["noisy_rows"],
-        "noisy_fraction": stats["noisy_fraction"],
-        "target_rows": stats["target_rows"],
-        "target_fraction": stats["target_fraction"],
-        "duplicate_fraction": stats["duplicate_fraction"],
-        "rows_per_task": stats["rows_by_source"],
+        **_subset_fields(stats),
         "eval": evaluate_large(model, tokenizer, data["target_eval"], data["all_eval"], config.target_task),
         "train_seconds": round(seconds, 2),
         "select_seconds": job["select_seconds"],

@@ -495,10 +495,7 @@ def _module_grads(
 ) -> dict[str, torch.Tensor]:
     module = call.owner.module
     if isinstance(delta, tuple) and any(d is not None for d in delta):  # several outputs (an MoE router's)
-        for d in delta:
-            if d is not None:
-                _check_rows(d, batch, tokens, f"an output of {call.owner.name} ({type(module).__name__})")
-        return _vmap_grads(call, delta, batch, tokens)
+        return _vmap_grads(call, delta, batch, tokens)  # (which checks the rows of every floating part)
     if delta is None or isinstance(delta, tuple):  # no output reaches the loss (e.g. DoRA's detached weight norm)
         params = {local: module.get_parameter(local) for local in call.owner.local_to_name}
         return {local: torch.zeros(batch, *p.shape, device=p.device) for local, p in params.items()}
