@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_datasel.data import pad_batch, tokenize_rows
 from hf_datasel.featurize import Featurizer, PerSampleGradients, ProjectorSpec, Snapshot
+from hf_datasel.featurize.grads import Scratch
 from hf_datasel.synthetic import make_pool
 
 
@@ -144,6 +145,32 @@ def test_embedding_rows_path_matches_the_adam_formula_on_loop_gradients(llama_ba
     t = snap.optimizer_step + 1
     expected = ((0.9 * m + 0.1 * g) / (1 - 0.9**t)) / (np.sqrt((0.99 * v + 0.01 * g**2) / (1 - 0.99**t)) + 1e-6)
     np.testing.assert_allclose(feats, expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+
+
+def test_weight_blocks_formed_in_one_reused_buffer_equal_fresh_ones(llama_batch):
+    """With a scratch buffer, consumed weight blocks share one buffer and hold the same numbers; kept ones never do."""
+    model, batch = llama_batch
+    inputs = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+    fresh = PerSampleGradients(model)(*inputs)[0]
+    engine = PerSampleGradients(model)
+    engine.scratch = Scratch()
+    seen, buffers = {}, {}
+
+    def consume(name, grads):
+        seen[name] = grads.clone()
+        buffers[name] = grads.untyped_storage().data_ptr()
+
+    for _ in range(2):  # the buffer grows to the largest block during the first batch, then stays
+        engine(*inputs, consume=consume)
+        assert seen.keys() == fresh.keys()
+        for name, grads in fresh.items():
+            torch.testing.assert_close(seen[name], grads, rtol=0, atol=0)
+    linear = [n for n in fresh if n.endswith("proj.weight") or n == "lm_head.weight"]
+    assert len(linear) == 8 and len({buffers[n] for n in linear}) == 1
+    kept = engine(*inputs)[0]  # returned blocks are kept by the caller: each its own memory
+    assert len({g.untyped_storage().data_ptr() for g in kept.values()}) == len(kept)
+    for name, grads in fresh.items():
+        torch.testing.assert_close(kept[name], grads, rtol=0, atol=0)
 
 
 def test_adam_factored_scales_on_factors_and_rows_keep_biases_exact():

@@ -43,7 +43,7 @@ from ..locks import FileLock
 from ..model_state import checkpointing_off, plain_forward
 from ..record.snapshot import read_snapshot_index
 from ..store import RunStore, StoreError, atomic_path, broken_file, load_npy, read_json, write_json
-from .grads import PerSampleGradients
+from .grads import PerSampleGradients, Scratch
 from .projector import SKETCH_KINDS, Projector, ProjectorKind, ProjectorSpec
 from .snapshots import Snapshot, assign_snapshot, load_model, load_snapshot, load_tokenizer, snapshot_steps
 
@@ -83,9 +83,11 @@ class AdamConstants:
         c1, c2 = 1 - beta1**t, 1 - beta2**t
         return cls((1 - beta1) / c1, exp_avg * (beta1 / c1), (1 - beta2) / c2, exp_avg_sq * (beta2 / c2), eps)
 
-    def apply_(self, g: torch.Tensor) -> torch.Tensor:
-        """The direction of each row of `g` (B, *shape), computed in place in `g` (one temporary, 5 passes)."""
-        denominator = torch.addcmul(self.v, g, g, value=self.a2).sqrt_()
+    def apply_(self, g: torch.Tensor, scratch: Scratch | None = None) -> torch.Tensor:
+        """The direction of each row of `g` (B, *shape), computed in place in `g` (5 passes; the one
+        temporary taken from `scratch` when given)."""
+        into = scratch.take(g.shape, g.device) if scratch is not None and g.dtype == torch.float32 else None
+        denominator = torch.addcmul(self.v, g, g, value=self.a2, out=into).sqrt_()
         if self.eps:
             denominator.add_(self.eps)
         return torch.add(self.m, g, alpha=self.a1, out=g).div_(denominator)
@@ -147,6 +149,8 @@ class Featurizer:
         checkpointing_off(model)  # recomputed forwards would fire the capture hooks twice
         self.model = model.to(self.device).eval()
         self.engine = PerSampleGradients(self.model, spec.param_names)
+        self.engine.scratch = Scratch()  # weight blocks are consumed at once (below), so one buffer serves all
+        self._scratch = Scratch()  # the Adam direction's temporary
         if self.engine.shapes != dict(zip(spec.param_names, spec.param_shapes)):
             raise ValueError("the model's trainable parameter shapes differ from the projector spec's")
         self.preconditioner: Preconditioner = "none"
@@ -231,7 +235,7 @@ class Featurizer:
         if name in self._formed_scales:  # adam_factored, 2-D: (a1·ρ γᵀ) ⊙ g + m ⊙ ρ γᵀ
             multiplier, offset = self._formed_scales[name]
             return grads.mul_(multiplier).add_(offset)
-        return self._adam[name].apply_(grads)
+        return self._adam[name].apply_(grads, self._scratch)
 
     def batch_features(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(features (B, k) float32, per-sample loss (B,), valid (B,)) for one padded batch."""

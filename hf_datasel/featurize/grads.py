@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -61,6 +62,26 @@ from .projector import _deterministic
 
 # Weight layouts of linear modules: y = x Wᵀ + b (nn.Linear) and y = x W + b (Conv1D).
 OUT_IN, IN_OUT = "out_in", "in_out"
+
+
+class Scratch:
+    """One float32 buffer, grown as needed, that same-sized per-batch blocks are formed in again and again.
+
+    Freshly allocated blocks of a few MiB fragment the CPU heap: the process's resident size grows
+    well past what is alive. Reusing one buffer keeps it at what is alive (CUDA's caching allocator
+    does this by itself; the buffer is harmless there).
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[torch.device, torch.Tensor] = {}  # one per device (a model split over several)
+
+    def take(self, shape: Sequence[int], device: torch.device) -> torch.Tensor:
+        """A (shape) float32 view of the buffer: its contents are undefined, and the next `take` reuses it."""
+        numel = math.prod(int(size) for size in shape)
+        buffer = self._buffers.get(device)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[device] = torch.empty(numel, dtype=torch.float32, device=device)
+        return buffer[:numel].view(*shape)
 
 
 class PerSampleGradientError(RuntimeError):
@@ -112,6 +133,10 @@ class PerSampleGradients:
     `consume(name, grads)` as soon as it is complete (so only one block is alive at a time),
     or returns them all in a dict when `consume` is None. Raises `PerSampleGradientError` when
     some per-sample gradient cannot be had exactly (see the module docstring).
+
+    With `scratch` set (a `Scratch`), a linear module's weight block handed to `consume` is formed
+    in that buffer, which the next block reuses: the consumer must be done with it when `consume`
+    returns (`Featurizer` is). Blocks that are kept (the returned dict, tied weights) never are.
     """
 
     def __init__(self, model: nn.Module, param_names: Sequence[str] | None = None):
@@ -162,6 +187,7 @@ class PerSampleGradients:
         self.row_sparse: frozenset[str] = frozenset()  # those of them handed out as rows (see `__call__`)
         # factorable weights whose gradient is wanted scaled, (ρ γᵀ) ⊙ G: applied to the factors, not to G
         self.weight_scales: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.scratch: Scratch | None = None
         self._uses_checked = False
         self._tap = True  # output gradients handled inside the backward pass (see `_Tap`)
 
@@ -267,7 +293,11 @@ class PerSampleGradients:
                 grads, owned = {}, {}
                 remaining[weight] = 0
             else:
-                grads = _module_grads(call, delta, batch, tokens, self.weight_scales.get(weight))
+                into = None
+                formed_once = call.owner.layout is not None and weight is not None and uses[weight] == 1
+                if self.scratch is not None and consume is not None and formed_once and torch.is_tensor(delta):
+                    into = self.scratch.take((batch, *self.shapes[weight]), delta.device)  # handed on at once
+                grads = _module_grads(call, delta, batch, tokens, self.weight_scales.get(weight), into)
                 owned = call.owner.local_to_name
             for local, name in owned.items():
                 acc[name] = grads[local] if name not in acc else acc[name] + grads[local]
@@ -473,10 +503,13 @@ def linear_factors(call: _Call, delta: torch.Tensor, batch: int, tokens: int) ->
     return (d, x) if call.owner.layout == OUT_IN else (x, d)
 
 
-def _linear_grads(call: _Call, delta: torch.Tensor, batch: int, tokens: int, scales=None) -> dict[str, torch.Tensor]:
+def _linear_grads(
+    call: _Call, delta: torch.Tensor, batch: int, tokens: int, scales=None, into: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """dW_b = Σ_t δ_bt x_btᵀ (x_bt δ_btᵀ for the (in, out) layout), db_b = Σ_t δ_bt, as batched matmuls.
 
     `scales` (ρ, γ): the weight's gradient comes out as `(ρ γᵀ) ⊙ dW_b`, scaled on the factors.
+    `into`: a (B, *weight shape) float32 tensor the weight's gradient is written to.
     """
     a, b = linear_factors(call, delta, batch, tokens)
     out = {}
@@ -485,13 +518,13 @@ def _linear_grads(call: _Call, delta: torch.Tensor, batch: int, tokens: int, sca
     if "weight" in call.owner.local_to_name:
         if scales is not None:
             a, b = a * scales[0], b * scales[1]
-        out["weight"] = a.transpose(1, 2) @ b
+        out["weight"] = torch.bmm(a.transpose(1, 2), b, out=into)
     return out
 
 
 # -- any other module: vmap of its own VJP over the rows ----------------------------------
 def _module_grads(
-    call: _Call, delta: torch.Tensor | tuple | None, batch: int, tokens: int, scales=None
+    call: _Call, delta: torch.Tensor | tuple | None, batch: int, tokens: int, scales=None, into=None
 ) -> dict[str, torch.Tensor]:
     module = call.owner.module
     if isinstance(delta, tuple) and any(d is not None for d in delta):  # several outputs (an MoE router's)
@@ -501,7 +534,7 @@ def _module_grads(
         return {local: torch.zeros(batch, *p.shape, device=p.device) for local, p in params.items()}
     _check_rows(delta, batch, tokens, f"the output of {call.owner.name} ({type(module).__name__})")
     if call.owner.layout is not None:
-        return _linear_grads(call, delta, batch, tokens, scales)
+        return _linear_grads(call, delta, batch, tokens, scales, into)
     if call.owner.embedding:
         return _embedding_grads(call, delta, batch, tokens)
     if call.owner.per_channel:
