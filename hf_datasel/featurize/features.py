@@ -214,7 +214,7 @@ class Featurizer:
                 self._adam[name] = c
                 if name in self.engine.row_sparse:  # untouched rows: the direction of a zero gradient
                     at_zero = c.apply_(torch.zeros(1, *shape, device=self.device))
-                    self.projector.add(constant, name, at_zero)
+                    self.projector.add(constant, name, at_zero, keep=False)
                     self._row_adam[name] = (c, at_zero[0])
                 continue
             rho, gamma = c.factored_scale()  # (a1·g + m) ⊙ ρ γᵀ: ρ·a1 on the rows, γ on the columns, m ⊙ ρ γᵀ once
@@ -222,7 +222,7 @@ class Featurizer:
                 # sketched from factors or rows (Featurizer), or formed from scaled factors (engine): no pass over G
                 sketched = name in self.engine.factored or name in self.engine.row_sparse
                 (self._factor_scales if sketched else self.engine.weight_scales)[name] = (rho * c.a1, gamma)
-                self.projector.add(constant, name, (c.m * rho[:, None] * gamma[None, :])[None])
+                self.projector.add(constant, name, (c.m * rho[:, None] * gamma[None, :])[None], keep=False)
             else:
                 scale = rho[:, None] * gamma[None, :]
                 self._formed_scales[name] = (scale * c.a1, c.m * scale)

@@ -283,8 +283,11 @@ class Projector:
     def new_output(self, batch: int) -> torch.Tensor:
         return torch.zeros(batch, self.spec.k, dtype=torch.float32, device=self.device)
 
-    def add(self, out: torch.Tensor, name: str, grads: torch.Tensor) -> None:
-        """Add the projection of one parameter's per-sample gradients (B, *shape) into `out` (B, k)."""
+    def add(self, out: torch.Tensor, name: str, grads: torch.Tensor, keep: bool = True) -> None:
+        """Add the projection of one parameter's per-sample gradients (B, *shape) into `out` (B, k).
+
+        `keep=False`: a one-off (e.g. a constant computed once), so the chunks of R it needs are not cached.
+        """
         flat = grads.reshape(grads.shape[0], -1).float()
         if self.spec.kind == "identity":
             start = self.offsets[name]
@@ -293,11 +296,11 @@ class Projector:
         rows = self.spec.chunk_rows
         for index, start in enumerate(range(0, flat.shape[1], rows)):
             if self.spec.kind in SKETCH_KINDS:
-                target, sign = self.chunk(name, index)
+                target, sign = self.chunk(name, index, keep)
                 with _deterministic(out.is_cuda):  # CUDA's default index_add_ sums in a random order
                     out.index_add_(1, target, flat[:, start : start + rows] * sign)
             else:
-                out.addmm_(flat[:, start : start + rows], self.chunk(name, index))
+                out.addmm_(flat[:, start : start + rows], self.chunk(name, index, keep))
 
     # -- sketches without a sign pass: positive and negative coordinates go to two halves -----------
     def signed_output(self, batch: int) -> torch.Tensor:
