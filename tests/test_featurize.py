@@ -14,6 +14,7 @@ from hf_datasel.data import pad_batch, tokenize_rows
 from hf_datasel.featurize import (
     Featurizer,
     PerSampleGradients,
+    Projector,
     ProjectorSpec,
     Snapshot,
     SpecMismatchError,
@@ -157,6 +158,21 @@ def test_projector_is_seeded_and_bounded(tokenizer):
     assert not torch.allclose(outs[0], outs[2])
     big = ProjectorSpec.create({"w": (1 << 20,)}, k=4096, kind="rademacher")
     assert big.chunk_rows * big.k <= 1 << 22  # a chunk, never the whole k x P matrix
+
+
+@pytest.mark.parametrize("kind", ["sparse", "tensor", "rademacher"])
+def test_one_off_projection_caches_nothing(kind):
+    """A constant projected once per snapshot (`keep=False`) gives the cached path's numbers and keeps no chunk."""
+    spec = ProjectorSpec.create({"w": (24, 40), "b": (40,)}, 128, seed=4, kind=kind)
+    grads = {"w": torch.randn(1, 24, 40), "b": torch.randn(1, 40)}
+    once, cached = Projector(spec), Projector(spec)
+    out_once, out_cached = once.new_output(1), cached.new_output(1)
+    for name, g in grads.items():
+        once.add(out_once, name, g, keep=False)
+        cached.add(out_cached, name, g)
+    assert torch.equal(out_once, out_cached)
+    assert not [key for key in once._cache if key[1] != -1]  # (only the O(d0 + d1) factor hashes)
+    assert cached._cache
 
 
 def test_store_features_same_seed_identical_different_spec_refused(tmp_path, tokenizer):
