@@ -24,14 +24,18 @@ def _check(result: dict, with_bergson: bool, models: tuple[str, ...] = ("lora", 
     assert all(v["params"] > 0 and v["rows"] == TINY["rows"] for v in result["variants"].values())
     families = {(m["model"], m["family"]) for m in result["methods"]}
     for model in models:
-        for family in ("train step", "library engine", "library end to end", "naive bs=1"):
+        for family in ("train step", "train pass", "library engine", "library end to end", "naive bs=1"):
             assert (model, family) in families
         assert ((model, "bergson") in families) == with_bergson
     for m in result["methods"]:
         assert m["rows_per_s"] > 0 and math.isfinite(m["rows_per_s"])
         assert m["vs_train_step"] > 0 and len(m["seconds_per_round"]) == 1
-        if m["family"] == "train step":
+        if m["family"] in ("train step", "train pass"):  # each the reference of its kind of method
             assert m["vs_train_step"] == 1.0
+        end_to_end = m["family"] in ("train pass", "library end to end", "bergson")
+        ref = next(r for r in result["methods"] if r["model"] == m["model"] and r["family"] == (
+            "train pass" if end_to_end else "train step"))  # fmt: skip
+        assert m["vs_train_step"] == pytest.approx(ref["seconds_per_round"][0] / m["seconds_per_round"][0])
     engines = [m for m in result["methods"] if m["family"] == "library engine"]
     assert {m["preconditioner"] for m in engines} >= {"none", "adam"}
     assert {m["projection"] for m in engines} >= ({"identity", "sparse"} if "lora" in models else {"sparse"})

@@ -10,7 +10,10 @@ One process, one tiny Llama (hidden 128, 4 layers, 4 heads, intermediate 256: 66
 
 Methods (per model variant):
 
-* **train step** — forward + backward + AdamW step: the reference every ratio is "× train step" of;
+* **train step** — forward + backward + AdamW step: the reference the batch-level methods' "× train step" is of;
+* **train steps, one pass** — the same steps over every batch in one go: the reference of the end-to-end
+  calls, which also go batch after batch (so both run with warm caches; interleaved with other methods, a
+  batch-level method finds its caches cold);
 * **library engine** — `Featurizer.batch_features`, one per preconditioner in
   `featurize.PRECONDITIONERS` (except the LESS-reference Adam form) and per projection: exact
   (`k=None`, LoRA only) and every sketch kind in `projector.ProjectorKind` that is not a dense
@@ -38,9 +41,10 @@ Methods (per model variant):
 Timing: batch-level methods (train step, engines, naive) are interleaved batch by batch; end-to-end
 calls (library, bergson) run once per round each, in the same rounds; the method order rotates from
 round to round. Reported: rows/s (median over rounds) and "× train step" (median over rounds of the
-ratio to the same round's train step). Peak extra memory: `bench.featurize.peak_memory` (CUDA: max
-allocated; CPU: peak RSS of a forked child above its resting level) over the two longest batches for
-batch-level methods, over one whole call for end-to-end ones.
+ratio to the same round's train step; for end-to-end calls, to the same round's one-pass train steps).
+Peak extra memory: `bench.featurize.peak_memory` (CUDA: max allocated; CPU: peak RSS of a forked child
+above its resting level) over the two longest batches for batch-level methods, over one whole call for
+end-to-end ones.
 
 Fidelity, on the first `fidelity_rows` rows: for every projected method, the mean and 99th percentile
 of |projected cosine − exact cosine| over all pairs of rows, against exact per-sample features with
@@ -72,6 +76,7 @@ import torch
 from ..store import write_json
 
 PART = "featurize-vs-peers"
+TRAIN_PASS = "train pass"  # the family of the end-to-end calls' reference
 DENSE_KINDS = ("identity", "rademacher", "gaussian")  # exact, or a dense (P, k) matrix: not benched on full models
 SKIP_PRECONDITIONERS = ("adam_reference",)  # the LESS reference form: same cost as "adam"
 KIND_LABELS = {"identity": "exact", "sparse": "CountSketch"}
@@ -296,6 +301,21 @@ def train_step_method(v: Variant) -> Method:
         opt.zero_grad(set_to_none=True)
 
     return Method("train step (fwd+bwd+AdamW)", v.name, "train step", {}, batch_fn=step)
+
+
+def train_pass_method(v: Variant) -> Method:
+    """The same training steps over every batch in one go: the reference of the end-to-end calls, which also
+    run batch after batch (warm caches), unlike the interleaved batch-level methods."""
+    model = copy.deepcopy(v.model).train()
+    opt = torch.optim.AdamW(_trainable(model), lr=1e-4)
+
+    def one_pass(folder: Path) -> None:
+        for b in v.batches:
+            model(**b).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    return Method("train steps, one pass", v.name, TRAIN_PASS, {}, pass_fn=one_pass)
 
 
 def library_methods(v: Variant, config: PeersConfig, device: torch.device, errors: list[dict]) -> list[Method]:
@@ -568,7 +588,7 @@ def run_peers(config: PeersConfig | None = None, log: Callable[[str], None] = la
         for name in config.models:
             log(f"peers: recording the {name} run ...")
             v = variants[name] = record_variant(name, config, Path(tmp), device)
-            methods.append(train_step_method(v))
+            methods += [train_step_method(v), train_pass_method(v)]
             methods += library_methods(v, config, device, errors)
             if berg:
                 try:
@@ -611,9 +631,9 @@ def run_peers(config: PeersConfig | None = None, log: Callable[[str], None] = la
             shift = r % max(1, len(pass_methods))
             for m in pass_methods[shift:] + pass_methods[:shift]:
                 m.times.append(run_pass(m, device, config.workdir))
-            train = {m.model: m.times[-1] for m in methods if m.family == "train step"}
-            for m in methods:
-                m.ratios.append(train[m.model] / m.times[-1])
+            train = {(m.model, m.family): m.times[-1] for m in methods if m.family in ("train step", TRAIN_PASS)}
+            for m in methods:  # batch-level methods against the train step, end-to-end calls against the pass
+                m.ratios.append(train[m.model, "train step" if m.batch_fn else TRAIN_PASS] / m.times[-1])
         log("peers: fidelity ...")
         for name, v in variants.items():
             measure_fidelity(v, [m for m in methods if m.model == name], config, device, errors)
@@ -667,7 +687,9 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"Device: {result['device']} ({result['torch_threads']} torch thread(s)), torch {result['torch']}, "
         f"bergson {result['bergson'] or 'not installed'}; {params}; "
         f"{result['variants'][models[0]]['rows']} rows, batch {result['settings']['batch_size']}, "
-        f"median of {result['settings']['rounds']} interleaved rounds.",
+        f"median of {result['settings']['rounds']} interleaved rounds. × train step: batch-level methods against "
+        "the interleaved train step, end-to-end calls (and the one-pass train steps themselves) against the "
+        "one-pass train steps of the same round.",
         "",
         "| method | " + " | ".join(f"{n} rows/s | {n} × train step | {n} peak MiB" for n in models) + " |",
         "|---|" + "---|---|---|" * len(models),
