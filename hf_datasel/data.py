@@ -78,6 +78,10 @@ class RowProcessing:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def tag(self) -> str:
+        """A canonical string of these settings (stored with the trainer's rows, compared when they are read)."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RowProcessing:
         known = {f.name for f in dataclasses.fields(cls)}
@@ -173,7 +177,7 @@ def save_trainer_rows(store_path: str | Path, train_dataset, processing: RowProc
         if "lengths" in arrays and not np.array_equal(arrays["lengths"], lengths):
             return False  # labels that are not token for token: not rows this module can take
         arrays["lengths"] = lengths
-    metadata = {"processing": json.dumps(processing.to_dict(), sort_keys=True)}
+    metadata = {"processing": processing.tag()}
     with atomic_path(Path(store_path) / TRAINER_ROWS_FILE) as tmp:
         save_file(arrays, str(tmp), metadata=metadata)
     return True
@@ -187,7 +191,7 @@ def _trainer_rows_for(dataset: Dataset, path: Path, processing: RowProcessing) -
         return {}
     try:
         with safe_open(str(path), "np") as f:
-            if (f.metadata() or {}).get("processing") != json.dumps(processing.to_dict(), sort_keys=True):
+            if (f.metadata() or {}).get("processing") != processing.tag():
                 return {}  # another truncation or template: the trainer's rows are not these
             arrays = {key: f.get_tensor(key) for key in f.keys()}
         rows = _split_rows(arrays)
