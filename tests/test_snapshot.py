@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from trl import SFTTrainer
 from hf_datasel import DataSelector, LossRecorderCallback, RunStore, SnapshotCallback, with_row_ids
 from hf_datasel.featurize import assign_snapshot, gradient_features, load_model, load_snapshot, load_tokenizer
 from hf_datasel.record.snapshot import read_snapshot_index
+from hf_datasel.store import StoreError
 from hf_datasel.synthetic import build_model, make_pool, save_and_reload
 from tests.conftest import sft_config
 from tests.gradient_store import lora_model
@@ -152,3 +155,53 @@ def test_full_model_snapshots_at_explicit_steps_without_saves(tmp_path, tokenize
 def test_steps_must_be_positive():
     with pytest.raises(ValueError):
         SnapshotCallback(steps=[0, 2])
+
+
+class _StopAt(TrainerCallback):
+    """Ends training after step `step` (its checkpoint is saved first): an interrupted run."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_resumed_run_keeps_the_learning_rates_before_its_checkpoint(tmp_path, tokenizer):
+    """A snapshot after a resume weighs by the mean LR since the last snapshot, steps before the resume included."""
+    pool = with_row_ids(make_pool(48, seed=0))
+
+    def train(out, extra=(), resume=None):
+        probe = LiveOptimizerProbe("step")
+        args = sft_config(out, save_strategy="steps", save_steps=2, max_steps=7, lr_scheduler_type="linear")
+        trainer = SFTTrainer(
+            model=build_model(tokenizer, seed=0), args=args, train_dataset=pool, processing_class=tokenizer,
+            callbacks=[SnapshotCallback(steps=[3, 7]), probe, *extra],
+        )  # fmt: skip
+        trainer.train(resume_from_checkpoint=resume)
+        return RunStore.for_output_dir(out), probe.lrs
+
+    straight, lrs = train(tmp_path / "straight")
+    train(tmp_path / "resumed", extra=[_StopAt(5)])  # interrupted after step 5; checkpoints at 2 and 4
+    resumed, _ = train(tmp_path / "resumed", resume=str(tmp_path / "resumed" / "checkpoint-4"))
+    assert len(set(lrs[3:7])) > 1  # the rates differ, so losing steps 4's rate would show
+    expected = {3: np.mean(lrs[0:3]), 7: np.mean(lrs[3:7])}
+    for store in (straight, resumed):
+        assert {e["step"]: e["lr_mean"] for e in read_snapshot_index(store)} == pytest.approx(expected, rel=1e-12)
+
+
+def test_broken_learning_rate_record_is_named_not_guessed(tmp_path, tokenizer):
+    """A resumed run whose LR record is not ours stops with the file's name and what to do; nothing is overwritten."""
+    args = sft_config(tmp_path / "run", save_strategy="steps", save_steps=2, max_steps=4)
+    trainer = SFTTrainer(
+        model=build_model(tokenizer, seed=0), args=args, train_dataset=with_row_ids(make_pool(32, seed=0)),
+        processing_class=tokenizer, callbacks=[SnapshotCallback(steps=[4])],
+    )  # fmt: skip
+    trainer.train()
+    path = RunStore.for_output_dir(tmp_path / "run").path / "snapshots" / "lr_progress.json"
+    assert sorted(json.loads(path.read_text())["saves"], key=int) == ["2", "4"]
+    path.write_text('{"saves": [1, 2]}')
+    with pytest.raises(StoreError, match="lr_progress.json.*delete"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    assert path.read_text() == '{"saves": [1, 2]}'

@@ -9,6 +9,7 @@ one safetensors file per snapshot into the run store:
 
     <output_dir>/datasel/snapshots/step-000010.safetensors   param::<name>, exp_avg::<name>, exp_avg_sq::<name>
     <output_dir>/datasel/snapshots/index.json                step, lr, lr_mean, betas, eps, optimizer step, ...
+    <output_dir>/datasel/snapshots/lr_progress.json          at each save: LR sum and count since the last snapshot
     <output_dir>/datasel/snapshots/model.json                how to rebuild the model (base, class, PEFT)
     <output_dir>/datasel/snapshots/model/                    model config (+ adapter config for PEFT)
     <output_dir>/datasel/snapshots/tokenizer/                the processing class, via save_pretrained
@@ -31,6 +32,8 @@ from .trainer_hooks import calling_trainer, is_main_process, record_processing
 SNAPSHOT_DIR = "snapshots"
 INDEX_FILE = "index.json"
 MODEL_FILE = "model.json"
+LR_PROGRESS_FILE = "lr_progress.json"
+KEPT_SAVES = 64  # checkpoint saves whose LR progress is kept (a run can resume from any of them)
 
 logger = logging.get_logger(__name__)
 
@@ -73,7 +76,9 @@ class SnapshotCallback(TrainerCallback):
 
     The learning-rate weight of a snapshot (`lr_mean`) is the mean learning rate the optimizer
     used over the steps since the previous snapshot (LESS weights checkpoints by it); `lr` is the
-    learning rate at the moment of the snapshot. Only the main process writes. Parameters must be
+    learning rate at the moment of the snapshot. A run resumed from a checkpoint picks up the
+    learning rates of the steps before it (kept in the store at every save), so `lr_mean` is the
+    same as without the interruption. Only the main process writes. Parameters must be
     whole on the main process (DDP or a single process; FSDP/ZeRO-3 sharded parameters are not supported).
     """
 
@@ -93,6 +98,16 @@ class SnapshotCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.store = RunStore.for_output_dir(args.output_dir)
         self._lr_sum, self._lr_count = 0.0, 0
+        step = getattr(state, "global_step", 0)  # (a hand-driven loop may pass no state)
+        if step > 0:  # resumed from a checkpoint: the steps since the last snapshot still count
+            saved = self._lr_progress().get(str(step))
+            if saved is None:
+                logger.warning(
+                    f"SnapshotCallback: no learning-rate record for the checkpoint at step {step}; "
+                    "the next snapshot's lr_mean counts only the steps from here."
+                )
+            else:
+                self._lr_sum, self._lr_count = float(saved["lr_sum"]), int(saved["lr_count"])
         trainer = calling_trainer()  # Trainer.train runs this event; later passes tokenize the way it does
         if trainer is not None:
             record_processing(trainer)
@@ -114,6 +129,23 @@ class SnapshotCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if self.steps is None:
             self._snapshot(args, state, **kwargs)
+        if is_main_process():  # what a run resumed from this checkpoint needs for its next lr_mean
+            if self.store is None:
+                self.store = RunStore.for_output_dir(args.output_dir)
+            saves = self._lr_progress()
+            saves[str(state.global_step)] = {"lr_sum": self._lr_sum, "lr_count": self._lr_count}
+            kept = sorted(saves, key=int)[-KEPT_SAVES:]
+            write_json(self.store.path / SNAPSHOT_DIR / LR_PROGRESS_FILE, {"saves": {k: saves[k] for k in kept}})
+
+    def _lr_progress(self) -> dict[str, dict[str, float]]:
+        path = self.store.path / SNAPSHOT_DIR / LR_PROGRESS_FILE
+        if not path.exists():
+            return {}
+        fix = f"delete {path} (only a resumed run's lr_mean needs it)"
+        saves = read_json(path, fix).get("saves")
+        if not isinstance(saves, dict):
+            raise broken_file(path, "no 'saves' mapping", fix)
+        return dict(saves)
 
     # -- the snapshot --------------------------------------------------------------
     def _snapshot(self, args, state, model=None, optimizer=None, processing_class=None, **kwargs) -> None:
