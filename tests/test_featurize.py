@@ -112,6 +112,31 @@ def test_adam_preconditioning_matches_independent_formula(tokenizer, rows, form)
     np.testing.assert_allclose(feats.double().numpy(), expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("form", ["adam", "adam_reference"])
+def test_adam_directions_use_the_moments_in_place(form):
+    """The constants hold the optimizer's own moments, not copies; scratch buffers or not, the same directions."""
+    from hf_datasel.featurize.features import AdamConstants
+    from hf_datasel.featurize.grads import Scratch
+
+    gen = torch.Generator().manual_seed(0)
+    m, v = torch.randn(5, 7, generator=gen) * 1e-3, torch.rand(5, 7, generator=gen) * 1e-5
+    c = AdamConstants.create(m, v, 4, (0.9, 0.99), 1e-6, form)
+    assert c.m.data_ptr() == m.data_ptr() and c.v.data_ptr() == v.data_ptr()
+    g = torch.randn(3, 5, 7, generator=gen)
+    scratch = Scratch()
+    plain, reused = c.apply_(g.clone()), c.apply_(g.clone(), scratch)
+    again = c.apply_(g.clone(), scratch)  # the slots reused
+    assert torch.equal(plain, reused) and torch.equal(plain, again)
+    g64, m64, v64 = g.double(), m.double(), v.double()
+    m1, v1 = 0.9 * m64 + 0.1 * g64, 0.99 * v64 + 0.01 * g64**2
+    if form == "adam":  # step 4 taken: this is the 5th
+        expected = (m1 / (1 - 0.9**5)) / ((v1 / (1 - 0.99**5)).sqrt() + 1e-6)
+    else:
+        expected = m1 / (v1 + 1e-8).sqrt()
+    torch.testing.assert_close(plain.double(), expected, rtol=1e-5, atol=0)
+    assert torch.equal(m, c.m) and torch.equal(v, c.v)  # untouched
+
+
 def test_adam_precondition_rejects_unknown_form():
     with pytest.raises(ValueError):
         adam_precondition(torch.ones(1, 2), torch.zeros(2), torch.zeros(2), 0, (0.9, 0.99), 1e-8, form="sgd")

@@ -141,6 +141,6 @@ def test_adam_factored_is_adafactor_scaled_adam(setup):
 
 def test_adam_factored_scale_is_exact_for_rank_one_second_moments():
     v = (torch.rand(6, 1) + 0.1) * (torch.rand(1, 9) + 0.1)
-    constants = AdamConstants(1.0, torch.zeros(6, 9), 0.0, v.square(), 0.0)  # sqrt(v_s) = v: rank one
+    constants = AdamConstants(1.0, torch.zeros(6, 9), 1.0, 0.0, v.square(), 1.0, 0.0, 0.0)  # sqrt(v_s) = v: rank one
     rho, gamma = constants.factored_scale()
     torch.testing.assert_close(rho[:, None] * gamma[None, :], 1 / v, rtol=1e-5, atol=0)

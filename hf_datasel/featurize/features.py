@@ -28,7 +28,7 @@ import os
 import shutil
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,45 +60,60 @@ FACTOR_RATIO = 5.0
 # -- Adam preconditioning -------------------------------------------------------------
 @dataclass(frozen=True)
 class AdamConstants:
-    """A per-sample Adam direction is `(a1·g + m) / (sqrt(a2·g² + v) + eps)`: these are a1, m, a2, v, eps.
+    """A per-sample Adam direction is `(a1·g + b1·m) / (sqrt(a2·g² + b2·v + c) + eps)`.
 
-    Folding the bias corrections (and the reference form's ε inside the root) into them makes the
-    direction a few in-place passes over a freshly computed gradient block.
+    `m` and `v` are the optimizer's own moments, not copies (for a full model two copies would be as
+    large as the snapshot's moments again): the bias corrections, and the reference form's ε inside
+    the root (`c`), are folded into the scalars, and the scaled moments are made per block (P numbers,
+    against the block's B·P), so the direction is a few in-place passes over a freshly computed block.
     """
 
     a1: float
     m: torch.Tensor
+    b1: float
     a2: float
     v: torch.Tensor
+    b2: float
+    c: float
     eps: float
 
     @classmethod
     def create(cls, exp_avg, exp_avg_sq, step: int, betas, eps: float, form: str = "adam") -> AdamConstants:
         beta1, beta2 = betas
         if form == "adam_reference":  # LESS's code: m'/sqrt(v' + 1e-8), no bias correction
-            return cls(1 - beta1, exp_avg * beta1, 1 - beta2, exp_avg_sq * beta2 + 1e-8, 0.0)
+            return cls(1 - beta1, exp_avg, beta1, 1 - beta2, exp_avg_sq, beta2, 1e-8, 0.0)
         if form not in ("adam", "adam_factored"):
             raise ValueError(f"Adam form must be 'adam', 'adam_reference' or 'adam_factored', not {form!r}")
         t = int(step) + 1
         c1, c2 = 1 - beta1**t, 1 - beta2**t
-        return cls((1 - beta1) / c1, exp_avg * (beta1 / c1), (1 - beta2) / c2, exp_avg_sq * (beta2 / c2), eps)
+        return cls((1 - beta1) / c1, exp_avg, beta1 / c1, (1 - beta2) / c2, exp_avg_sq, beta2 / c2, 0.0, eps)
+
+    def scaled_moments(self, scratch: Scratch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b1·m, b2·v + c), in `scratch` slots 1 and 2 when given."""
+        m_into, v_into = (None, None) if scratch is None else (
+            scratch.take(self.m.shape, self.m.device, 1), scratch.take(self.v.shape, self.v.device, 2))  # fmt: skip
+        scaled_m = torch.mul(self.m, self.b1, out=m_into)
+        scaled_v = torch.mul(self.v, self.b2, out=v_into)
+        return scaled_m, scaled_v.add_(self.c) if self.c else scaled_v
 
     def apply_(self, g: torch.Tensor, scratch: Scratch | None = None) -> torch.Tensor:
         """The direction of each row of `g` (B, *shape), computed in place in `g` (5 passes; the one
-        temporary taken from `scratch` when given)."""
-        into = scratch.take(g.shape, g.device) if scratch is not None and g.dtype == torch.float32 else None
-        denominator = torch.addcmul(self.v, g, g, value=self.a2, out=into).sqrt_()
+        temporary, and the scaled moments, taken from `scratch` when given)."""
+        usable = scratch if scratch is not None and g.dtype == torch.float32 == self.m.dtype == self.v.dtype else None
+        m, v = self.scaled_moments(usable)
+        into = None if usable is None else usable.take(g.shape, g.device)
+        denominator = torch.addcmul(v, g, g, value=self.a2, out=into).sqrt_()
         if self.eps:
             denominator.add_(self.eps)
-        return torch.add(self.m, g, alpha=self.a1, out=g).div_(denominator)
+        return torch.add(m, g, alpha=self.a1, out=g).div_(denominator)
 
     def factored_scale(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(ρ, γ) with `1/(sqrt(v) + eps) ≈ ρ_i γ_j` for a 2-D weight (Adafactor's rank-1 second moment).
 
-        `V = (sqrt(v) + eps)²` is replaced by `r cᵀ / ΣV` (r, c its row and column sums), the
+        `V = (sqrt(b2·v + c) + eps)²` is replaced by `r cᵀ / ΣV` (r, c its row and column sums), the
         per-sample `a2·g²` term is dropped: an approximation, exact when V is rank one.
         """
-        second = (self.v.sqrt() + self.eps).square()
+        second = (torch.mul(self.v, self.b2).add_(self.c).sqrt_() + self.eps).square_()
         rows, cols, total = second.sum(1), second.sum(0), second.sum()
         return rows.rsqrt(), cols.rsqrt() * total.sqrt()
 
@@ -222,10 +237,11 @@ class Featurizer:
                 # sketched from factors or rows (Featurizer), or formed from scaled factors (engine): no pass over G
                 sketched = name in self.engine.factored or name in self.engine.row_sparse
                 (self._factor_scales if sketched else self.engine.weight_scales)[name] = (rho * c.a1, gamma)
-                self.projector.add(constant, name, (c.m * rho[:, None] * gamma[None, :])[None], keep=False)
+                scaled_m = c.scaled_moments()[0]
+                self.projector.add(constant, name, (scaled_m * rho[:, None] * gamma[None, :])[None], keep=False)
             else:
                 scale = rho[:, None] * gamma[None, :]
-                self._formed_scales[name] = (scale * c.a1, c.m * scale)
+                self._formed_scales[name] = (scale * c.a1, c.scaled_moments()[0] * scale)
         if self._factor_scales or self._row_adam or self.engine.weight_scales:
             self._constant = constant
 
@@ -265,7 +281,7 @@ class Featurizer:
         def consume_rows(name: str, ids: torch.Tensor, samples: torch.Tensor, values: torch.Tensor) -> None:
             if name in self._row_adam:  # exact Adam of the touched rows, less the constant part added below
                 c, at_zero = self._row_adam[name]
-                values = AdamConstants(c.a1, c.m[ids], c.a2, c.v[ids], c.eps).apply_(values).sub_(at_zero[ids])
+                values = replace(c, m=c.m[ids], v=c.v[ids]).apply_(values).sub_(at_zero[ids])
             elif name in self._factor_scales:  # adam_factored: (a1·ρ_i γ_j) g_ij (m ⊙ ρ γᵀ is in the constant)
                 row_scale, col_scale = self._factor_scales[name]
                 values = values * row_scale[ids][:, None] * col_scale
@@ -294,7 +310,7 @@ class Featurizer:
             if self._flat_adam is None:  # the per-parameter constants as one flat set, built on first use
                 parts = [self._adam[n] for n in self.spec.param_names]
                 flat = {key: torch.cat([getattr(c, key).reshape(-1) for c in parts]) for key in ("m", "v")}
-                self._flat_adam = AdamConstants(parts[0].a1, flat["m"], parts[0].a2, flat["v"], parts[0].eps)
+                self._flat_adam = replace(parts[0], m=flat["m"], v=flat["v"])  # same scalars
             self._flat_adam.apply_(buffer)
         return self.projector.project_flat(buffer), loss, valid
 

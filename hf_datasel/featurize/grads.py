@@ -73,14 +73,15 @@ class Scratch:
     """
 
     def __init__(self) -> None:
-        self._buffers: dict[torch.device, torch.Tensor] = {}  # one per device (a model split over several)
+        self._buffers: dict[tuple[torch.device, int], torch.Tensor] = {}  # per device (a model split over several)
 
-    def take(self, shape: Sequence[int], device: torch.device) -> torch.Tensor:
-        """A (shape) float32 view of the buffer: its contents are undefined, and the next `take` reuses it."""
+    def take(self, shape: Sequence[int], device: torch.device, slot: int = 0) -> torch.Tensor:
+        """A (shape) float32 view of buffer `slot`: its contents are undefined, and the next `take` of the
+        slot reuses it (several slots for tensors that are alive at the same time)."""
         numel = math.prod(int(size) for size in shape)
-        buffer = self._buffers.get(device)
+        buffer = self._buffers.get((device, slot))
         if buffer is None or buffer.numel() < numel:
-            buffer = self._buffers[device] = torch.empty(numel, dtype=torch.float32, device=device)
+            buffer = self._buffers[device, slot] = torch.empty(numel, dtype=torch.float32, device=device)
         return buffer[:numel].view(*shape)
 
 
