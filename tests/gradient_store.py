@@ -43,7 +43,7 @@ def make_snapshot_store(
     rows = tokenize_rows(dataset, tok, 64)
     cb = SnapshotCallback(steps=list(steps))
     args = SimpleNamespace(output_dir=str(tmp_path / "run"))
-    cb.on_train_begin(args, None, None)
+    cb.on_train_begin(args, SimpleNamespace(global_step=0), None)
     for step in range(1, max(steps) + 1):
         batch = pad_batch([rows[(step * 8 + i) % len(rows)] for i in range(8)], tok.pad_token_id)
         model(**batch).loss.backward()

@@ -291,7 +291,8 @@ def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def train_step_method(v: Variant) -> Method:
+def _training_step(v: Variant) -> Callable[[dict[str, torch.Tensor]], None]:
+    """One forward + backward + AdamW step of a fresh copy of the variant's model."""
     model = copy.deepcopy(v.model).train()
     opt = torch.optim.AdamW(_trainable(model), lr=1e-4)
 
@@ -300,20 +301,21 @@ def train_step_method(v: Variant) -> Method:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return Method("train step (fwd+bwd+AdamW)", v.name, "train step", {}, batch_fn=step)
+    return step
+
+
+def train_step_method(v: Variant) -> Method:
+    return Method("train step (fwd+bwd+AdamW)", v.name, "train step", {}, batch_fn=_training_step(v))
 
 
 def train_pass_method(v: Variant) -> Method:
     """The same training steps over every batch in one go: the reference of the end-to-end calls, which also
     run batch after batch (warm caches), unlike the interleaved batch-level methods."""
-    model = copy.deepcopy(v.model).train()
-    opt = torch.optim.AdamW(_trainable(model), lr=1e-4)
+    step = _training_step(v)
 
     def one_pass(folder: Path) -> None:
         for b in v.batches:
-            model(**b).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            step(b)
 
     return Method("train steps, one pass", v.name, TRAIN_PASS, {}, pass_fn=one_pass)
 

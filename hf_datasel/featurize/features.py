@@ -165,7 +165,7 @@ class Featurizer:
         self.model = model.to(self.device).eval()
         self.engine = PerSampleGradients(self.model, spec.param_names)
         self.engine.scratch = Scratch()  # weight blocks are consumed at once (below), so one buffer serves all
-        self._scratch = Scratch()  # the Adam direction's temporary
+        self._scratch = Scratch()  # the Adam direction's temporary and scaled moments
         if self.engine.shapes != dict(zip(spec.param_names, spec.param_shapes)):
             raise ValueError("the model's trainable parameter shapes differ from the projector spec's")
         self.preconditioner: Preconditioner = "none"
@@ -237,11 +237,10 @@ class Featurizer:
                 # sketched from factors or rows (Featurizer), or formed from scaled factors (engine): no pass over G
                 sketched = name in self.engine.factored or name in self.engine.row_sparse
                 (self._factor_scales if sketched else self.engine.weight_scales)[name] = (rho * c.a1, gamma)
-                scaled_m = c.scaled_moments()[0]
-                self.projector.add(constant, name, (scaled_m * rho[:, None] * gamma[None, :])[None], keep=False)
+                self.projector.add(constant, name, (c.m * (c.b1 * rho)[:, None] * gamma[None, :])[None], keep=False)
             else:
                 scale = rho[:, None] * gamma[None, :]
-                self._formed_scales[name] = (scale * c.a1, c.scaled_moments()[0] * scale)
+                self._formed_scales[name] = (scale * c.a1, c.m * (scale * c.b1))
         if self._factor_scales or self._row_adam or self.engine.weight_scales:
             self._constant = constant
 

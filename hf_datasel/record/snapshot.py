@@ -90,6 +90,7 @@ class SnapshotCallback(TrainerCallback):
         self.steps = steps
         self.save_tokenizer = save_tokenizer
         self.store: RunStore | None = None
+        self._saves: dict[str, dict[str, float]] = {}  # checkpoint step -> LR sum and count at that save
         self._lr_sum = 0.0
         self._lr_count = 0
         self._model_saved = False
@@ -98,9 +99,11 @@ class SnapshotCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.store = RunStore.for_output_dir(args.output_dir)
         self._lr_sum, self._lr_count = 0.0, 0
-        step = getattr(state, "global_step", 0)  # (a hand-driven loop may pass no state)
+        self._saves = {}  # a fresh run starts its own record
+        step = state.global_step
         if step > 0:  # resumed from a checkpoint: the steps since the last snapshot still count
-            saved = self._lr_progress().get(str(step))
+            self._saves = self._lr_progress()
+            saved = self._saves.get(str(step))
             if saved is None:
                 logger.warning(
                     f"SnapshotCallback: no learning-rate record for the checkpoint at step {step}; "
@@ -130,12 +133,14 @@ class SnapshotCallback(TrainerCallback):
         if self.steps is None:
             self._snapshot(args, state, **kwargs)
         if is_main_process():  # what a run resumed from this checkpoint needs for its next lr_mean
-            if self.store is None:
-                self.store = RunStore.for_output_dir(args.output_dir)
-            saves = self._lr_progress()
-            saves[str(state.global_step)] = {"lr_sum": self._lr_sum, "lr_count": self._lr_count}
-            kept = sorted(saves, key=int)[-KEPT_SAVES:]
-            write_json(self.store.path / SNAPSHOT_DIR / LR_PROGRESS_FILE, {"saves": {k: saves[k] for k in kept}})
+            self._saves[str(state.global_step)] = {"lr_sum": self._lr_sum, "lr_count": self._lr_count}
+            self._saves = {k: self._saves[k] for k in sorted(self._saves, key=int)[-KEPT_SAVES:]}
+            write_json(self._store(args).path / SNAPSHOT_DIR / LR_PROGRESS_FILE, {"saves": self._saves})
+
+    def _store(self, args) -> RunStore:
+        if self.store is None:  # events driven by hand, without on_train_begin
+            self.store = RunStore.for_output_dir(args.output_dir)
+        return self.store
 
     def _lr_progress(self) -> dict[str, dict[str, float]]:
         path = self.store.path / SNAPSHOT_DIR / LR_PROGRESS_FILE
@@ -149,8 +154,7 @@ class SnapshotCallback(TrainerCallback):
 
     # -- the snapshot --------------------------------------------------------------
     def _snapshot(self, args, state, model=None, optimizer=None, processing_class=None, **kwargs) -> None:
-        if self.store is None:
-            self.store = RunStore.for_output_dir(args.output_dir)
+        self._store(args)
         lr_mean = self._lr_sum / self._lr_count if self._lr_count else None
         self._lr_sum, self._lr_count = 0.0, 0
         if not is_main_process():
