@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -90,6 +91,55 @@ def test_factored_sketch_equals_the_formed_gradients_sketch():
     projector.add(formed, "c", b.transpose(1, 2) @ a)
     projector.add_factored(factored, "c", b, a)
     torch.testing.assert_close(factored, formed, rtol=0, atol=1e-5 * float(formed.abs().max()))
+
+
+def test_tensor_hash_pairs_columns_into_complex_buckets():
+    """Version 2: columns 2m, 2m+1 share bucket (h1 + h2[m]) mod k/2 as outputs 2c, 2c+1; odd widths and
+    version-1 specs keep the plain (h1 + h2) mod k; the complex scatter of signed blocks equals `add`."""
+    torch.manual_seed(0)
+    shapes = {"w": (6, 10), "odd": (4, 7)}
+    spec = ProjectorSpec.create(shapes, 16, seed=3, kind="tensor")
+    projector = Projector(spec)
+    assert spec.version == 2 and projector.paired("w") and not projector.paired("odd")
+    h1, s1, h2, s2 = projector.factor_hashes("w")
+    assert h1.max() < 8 and h2.shape == (5,) and s2.shape == (10,)
+    target, sign = projector.chunk("w", 0)
+    for i in range(6):
+        for j in range(10):
+            assert target[i * 10 + j] == 2 * ((h1[i] + h2[j // 2]) % 8) + j % 2
+            assert sign[i * 10 + j] == s1[i] * s2[j]
+    h1, s1, h2, s2 = projector.factor_hashes("odd")
+    assert h2.shape == (7,)
+    target, _ = projector.chunk("odd", 0)
+    assert all(target[i * 7 + j] == (h1[i] + h2[j]) % 16 for i in range(4) for j in range(7))
+    old = Projector(replace(spec, version=1))
+    h1, _, h2, _ = old.factor_hashes("w")
+    target, _ = old.chunk("w", 0)
+    assert not old.paired("w") and all(target[i * 10 + j] == (h1[i] + h2[j]) % 16 for i in range(6) for j in range(10))
+    grads = torch.randn(3, 6, 10)
+    plain, paired = projector.new_output(3), projector.paired_output(3)
+    projector.add(plain, "w", grads)
+    s1, s2 = projector.sign_factors("w")
+    projector.add_paired(paired, "w", grads * s1[:, None] * s2[None, :])
+    torch.testing.assert_close(projector.finish_paired(paired), plain, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("preconditioner", ["none", "adam", "adam_reference", "adam_factored"])
+def test_formed_weights_signed_on_their_factors_give_the_sketch_of_the_exact_features(setup, preconditioner):
+    """Features through the complex column-pair scatter == the projection of exact features (fp32 rounding);
+    exact Adam signs the moments as the factors sign the gradient."""
+    model, snapshot, batches, shapes = setup
+    exact = Featurizer(model, ProjectorSpec.create(shapes, None, dtype="float32"), "cpu")
+    exact.set_snapshot(snapshot, preconditioner)
+    spec = ProjectorSpec.create(shapes, 512, seed=5, kind="tensor", dtype="float32")
+    featurizer = Featurizer(model, spec, "cpu", fuse_bytes=0)
+    featurizer.set_snapshot(snapshot, preconditioner)
+    assert featurizer._paired and not featurizer.engine.factored  # every even-width linear weight, formed
+    for batch in batches[:2]:
+        ours = featurizer.batch_features(batch)[0]
+        expected = featurizer.projector.project_flat(exact.batch_features(batch)[0])
+        error = (ours - expected).norm(dim=1) / expected.norm(dim=1)
+        assert float(error.max()) <= 1e-5
 
 
 @pytest.mark.parametrize("preconditioner", ["none", "adam_factored"])

@@ -66,6 +66,9 @@ class AdamConstants:
     large as the snapshot's moments again): the bias corrections, and the reference form's ε inside
     the root (`c`), are folded into the scalars, and the scaled moments are made per block (P numbers,
     against the block's B·P), so the direction is a few in-place passes over a freshly computed block.
+
+    `signs` (s1, s2), for a 2-D weight whose gradients come with the "tensor" hash's signs `s1[i]·s2[j]`
+    on entry (i, j): `m` is signed the same way, which gives the signed direction (`g²` is unchanged).
     """
 
     a1: float
@@ -76,6 +79,7 @@ class AdamConstants:
     b2: float
     c: float
     eps: float
+    signs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def create(cls, exp_avg, exp_avg_sq, step: int, betas, eps: float, form: str = "adam") -> AdamConstants:
@@ -92,7 +96,11 @@ class AdamConstants:
         """(b1·m, b2·v + c), in `scratch` slots 1 and 2 when given."""
         m_into, v_into = (None, None) if scratch is None else (
             scratch.take(self.m.shape, self.m.device, 1), scratch.take(self.v.shape, self.v.device, 2))  # fmt: skip
-        scaled_m = torch.mul(self.m, self.b1, out=m_into)
+        if self.signs is None:
+            scaled_m = torch.mul(self.m, self.b1, out=m_into)
+        else:
+            rows, cols = self.signs
+            scaled_m = torch.mul(self.m, (rows * self.b1)[:, None], out=m_into).mul_(cols)
         scaled_v = torch.mul(self.v, self.b2, out=v_into)
         return scaled_m, scaled_v.add_(self.c) if self.c else scaled_v
 
@@ -151,6 +159,9 @@ class Featurizer:
     (d0·d1 ≥ FACTOR_RATIO·k·log2 k) are never formed: their sketch is computed from the
     per-token factors (`Projector.add_factored`). "adam_factored" is an approximation of "adam"
     (Adafactor-style second moments, see `AdamConstants.factored_scale`; 1-D parameters exact).
+    On CPU, the other 2-D weights of even width under "tensor" are formed with the hash's signs on
+    their factors and sketched by one complex scatter of column pairs (`Projector.add_paired`), for
+    every preconditioner (exact Adam signs the first moment the same way).
     """
 
     def __init__(
@@ -217,7 +228,14 @@ class Featurizer:
         rows_ok = self.spec.kind in ("identity", *SKETCH_KINDS)
         self.engine.row_sparse = self.engine.row_sparse_able if rows_ok else frozenset()
         self._row_adam: dict[str, tuple[AdamConstants, torch.Tensor]] = {}  # exact Adam: constants, direction at g=0
-        self.engine.weight_scales = {}
+        self._engine_scales: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # adam_factored's, on the factors
+        # formed "tensor" weights get the hash's signs on their factors too (free), then one complex scatter
+        paired_ok = self.device.type == "cpu"
+        self._paired = frozenset(
+            n for n in self.spec.param_names
+            if paired_ok and n in linear and n not in self.engine.factored and self.projector.paired(n)
+        )  # fmt: skip
+        self.engine.weight_scales = {name: self.projector.sign_factors(name) for name in self._paired}
         if form == "none":
             return
         step = snap.optimizer_step or 0
@@ -226,7 +244,7 @@ class Featurizer:
             m, v = snap.exp_avg[name].to(self.device), snap.exp_avg_sq[name].to(self.device)
             c = AdamConstants.create(m, v, step, snap.betas, snap.eps, form)
             if form != "adam_factored" or len(shape) != 2:
-                self._adam[name] = c
+                self._adam[name] = replace(c, signs=self.engine.weight_scales.get(name))
                 if name in self.engine.row_sparse:  # untouched rows: the direction of a zero gradient
                     at_zero = c.apply_(torch.zeros(1, *shape, device=self.device))
                     self.projector.add(constant, name, at_zero, keep=False)
@@ -236,16 +254,22 @@ class Featurizer:
             if name in self.engine.factorable or name in self.engine.row_sparse:
                 # sketched from factors or rows (Featurizer), or formed from scaled factors (engine): no pass over G
                 sketched = name in self.engine.factored or name in self.engine.row_sparse
-                (self._factor_scales if sketched else self.engine.weight_scales)[name] = (rho * c.a1, gamma)
+                scales = (rho * c.a1, gamma)
+                if sketched:
+                    self._factor_scales[name] = scales
+                else:
+                    self._engine_scales[name] = scales
+                    signs = self.engine.weight_scales.get(name, (1.0, 1.0))
+                    self.engine.weight_scales[name] = (scales[0] * signs[0], scales[1] * signs[1])
                 self.projector.add(constant, name, (c.m * (c.b1 * rho)[:, None] * gamma[None, :])[None], keep=False)
             else:
                 scale = rho[:, None] * gamma[None, :]
                 self._formed_scales[name] = (scale * c.a1, c.m * (scale * c.b1))
-        if self._factor_scales or self._row_adam or self.engine.weight_scales:
+        if self._factor_scales or self._row_adam or self._engine_scales:
             self._constant = constant
 
     def _precondition_(self, name: str, grads: torch.Tensor) -> torch.Tensor:
-        if self.preconditioner == "none" or name in self.engine.weight_scales:  # (scaled by the engine)
+        if self.preconditioner == "none" or name in self._engine_scales:  # (scaled on the factors)
             return grads
         if name in self._formed_scales:  # adam_factored, 2-D: (a1·ρ γᵀ) ⊙ g + m ⊙ ρ γᵀ
             multiplier, offset = self._formed_scales[name]
@@ -263,10 +287,13 @@ class Featurizer:
         projector = self.projector
         out = projector.new_output(size)
         signed = projector.signed_output(size) if self.spec.kind in SKETCH_KINDS else None
+        paired = projector.paired_output(size) if self._paired else None
 
         def consume(name: str, grads: torch.Tensor) -> None:
             grads = self._precondition_(name, grads)
-            if signed is not None:
+            if name in self._paired:  # formed with the hash's signs on its factors
+                projector.add_paired(paired, name, grads)
+            elif signed is not None:
                 projector.add_signed(signed, name, grads)
             else:
                 projector.add(out, name, grads)
@@ -291,6 +318,8 @@ class Featurizer:
         )  # fmt: skip
         if signed is not None:
             out += projector.finish_signed(signed)
+        if paired is not None:
+            out += projector.finish_paired(paired)
         if self._constant is not None:
             out += self._constant
         return out, loss, valid
@@ -304,12 +333,16 @@ class Featurizer:
             start = offsets[name]
             buffer[:, start : start + grads[0].numel()] = grads.reshape(size, -1)
 
-        _, loss, valid = self.engine(*inputs, consume=gather)
+        signed_scales, self.engine.weight_scales = self.engine.weight_scales, self._engine_scales
+        try:  # projected at once below: gradients without the hash's signs
+            _, loss, valid = self.engine(*inputs, consume=gather)
+        finally:
+            self.engine.weight_scales = signed_scales
         if self.preconditioner != "none":
             if self._flat_adam is None:  # the per-parameter constants as one flat set, built on first use
                 parts = [self._adam[n] for n in self.spec.param_names]
                 flat = {key: torch.cat([getattr(c, key).reshape(-1) for c in parts]) for key in ("m", "v")}
-                self._flat_adam = replace(parts[0], m=flat["m"], v=flat["v"])  # same scalars
+                self._flat_adam = replace(parts[0], m=flat["m"], v=flat["v"], signs=None)  # same scalars
             self._flat_adam.apply_(buffer)
         return self.projector.project_flat(buffer), loss, valid
 
@@ -698,7 +731,8 @@ def gradient_features(
         seed, kind, dtype: the projector (`ProjectorSpec`); features of different specs are never mixed. The
             default kind "tensor" is a CountSketch whose hash lets a weight matrix's per-sample gradient be
             sketched from its factors (done where cheaper: d_out·d_in ≥ FACTOR_RATIO·k·log2 k, with
-            preconditioner "none" or "adam_factored"); "sparse" is a plain CountSketch.
+            preconditioner "none" or "adam_factored"), and a formed one with one complex scatter of its
+            column pairs (on CPU; half the adds of "sparse"); "sparse" is a plain CountSketch.
         steps: snapshot steps (default: all).
         batch_size, padding_side: batching (results do not depend on padding).
         max_length: truncation; default (None) the recorded trainer's own.

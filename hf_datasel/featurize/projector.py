@@ -5,11 +5,17 @@ products are preserved in expectation (Johnson-Lindenstrauss). The "tensor" kind
 whose hash of a weight matrix's entry (i, j) is `h1(i) + h2(j) mod k` with sign `s1(i)·s2(j)`
 (TensorSketch, Pham & Pagh 2013): the sketch of a per-sample gradient `Σ_t δ_t x_tᵀ` is then
 `irfft(Σ_t rfft(CS1 δ_t) · rfft(CS2 x_t))`, had from the two factors in O(T·(d_in + d_out + k log k))
-without ever forming the d_out×d_in gradient; a formed gradient gets the same projection. `R` is never held whole for a
-large model: it is cut into parameter blocks (one per named parameter) and each block into row
-chunks, and every chunk is generated on the CPU from a seed derived from (seed, parameter name,
-chunk index). The same spec therefore gives bit-identical matrices on any machine or GPU model,
-whatever order blocks are visited in, and whether or not chunks are cached.
+without ever forming the d_out×d_in gradient; a formed gradient gets the same projection. Since
+version 2, columns 2m and 2m+1 of a row share a bucket `h1(i) + h2(m) mod k/2` as the real and
+imaginary part of one complex number (outputs 2c and 2c+1), each with its own sign: a formed gradient
+whose signs were put on its factors is then sketched by one complex scatter, half the element
+adds of a real one, and the factored form is the same convolution over k/2 complex buckets.
+
+`R` is never held whole for a large model: it is cut into parameter blocks (one per named
+parameter) and each block into row chunks, and every chunk is generated on the CPU from a seed
+derived from (seed, parameter name, chunk index). The same spec therefore gives bit-identical
+matrices on any machine or GPU model, whatever order blocks are visited in, and whether or not
+chunks are cached.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 ProjectorKind = Literal["identity", "sparse", "tensor", "rademacher", "gaussian"]
 SKETCH_KINDS = ("sparse", "tensor")  # one ±1 per coordinate: O(P) work per sample
 CHUNK_ELEMENTS = 1 << 22  # one generated chunk holds at most this many numbers (16 MiB of fp32)
+PAIRED_VERSION = 2  # "tensor" specs from this version on hash column pairs to complex buckets
 
 
 class SpecMismatchError(ValueError):
@@ -42,7 +49,8 @@ class ProjectorSpec:
             output — O(P) work per sample instead of O(P·k), and the same variance bound as a dense
             JL projection: Var <Rx, Ry> ≤ (|x|²|y|² + <x,y>²)/k);
             "tensor" (a CountSketch with a structured hash on 2-D weights, so full-model gradients can be
-            sketched from their factors; measured to keep pairwise cosines as well as "sparse");
+            sketched from their factors or scattered as complex column pairs; measured to keep pairwise
+            cosines as well as "sparse");
             "rademacher" (dense ±1/sqrt(k)) or "gaussian" (dense N(0, 1/k)).
         k: feature dimension.
         seed: projector seed.
@@ -50,6 +58,8 @@ class ProjectorSpec:
         param_names: the trainable parameters, in the order their blocks are concatenated.
         param_shapes: their shapes.
         chunk_rows: rows of R generated per chunk (fixed by k, so part of the spec).
+        version: of the hash; "tensor" specs of version 1 (hf_datasel before column pairs) keep their
+            unpaired hash, so their features can still be compared with new ones made under them.
     """
 
     kind: ProjectorKind
@@ -85,7 +95,7 @@ class ProjectorSpec:
         if int(k) <= 0:
             raise ValueError(f"k must be positive, not {k}")
         rows = CHUNK_ELEMENTS if kind in SKETCH_KINDS else max(1, CHUNK_ELEMENTS // int(k))
-        return cls(kind, int(k), int(seed), dtype, names, shapes, rows)
+        return cls(kind, int(k), int(seed), dtype, names, shapes, rows, PAIRED_VERSION if kind == "tensor" else 1)
 
     @property
     def num_params(self) -> int:
@@ -187,12 +197,9 @@ class Projector:
         numel = math.prod(self._shapes[name])
         rows = min(spec.chunk_rows, numel - index * spec.chunk_rows)
         if spec.kind == "tensor" and len(self._shapes[name]) == 2:
-            h1, s1, h2, s2 = self.factor_hashes(name)
             cols = self._shapes[name][1]
             flat = torch.arange(index * spec.chunk_rows, index * spec.chunk_rows + rows, device=self.device)
-            i, j = flat // cols, flat % cols
-            mat = ((h1[i] + h2[j]) % spec.k, s1[i] * s2[j])
-            return self._keep(key, mat, rows * 12)
+            return self._keep(key, self.tensor_hash(name, flat // cols, flat % cols), rows * 12)
         gen = torch.Generator(device="cpu").manual_seed(_chunk_seed(spec.seed, name, index))
         if spec.kind in SKETCH_KINDS:
             target = torch.randint(0, spec.k, (rows,), generator=gen, dtype=torch.int64)
@@ -211,24 +218,84 @@ class Projector:
             self._cached_bytes += size
         return mat
 
+    def paired(self, name: str) -> bool:
+        """Whether parameter `name` gets the column-pair hash: "tensor" kind (version ≥ 2), 2-D, even d1 and k."""
+        shape = self._shapes[name]
+        spec = self.spec
+        return (
+            spec.kind == "tensor"
+            and spec.version >= PAIRED_VERSION
+            and len(shape) == 2
+            and not (shape[1] % 2 or spec.k % 2)
+        )
+
     def factor_hashes(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """ "tensor" kind, 2-D parameter `name` of shape (d0, d1): (h1, s1) for dim 0 and (h2, s2) for dim 1.
 
-        Entry (i, j) of the parameter's gradient goes to output `(h1[i] + h2[j]) % k` with sign `s1[i]·s2[j]`.
+        Entry (i, j) of the parameter's gradient goes to output `(h1[i] + h2[j]) % k` with sign `s1[i]·s2[j]`;
+        when `paired(name)`, to output `2·((h1[i] + h2[j // 2]) % (k/2)) + j % 2` (h2 has one bucket per column
+        pair, s2 one sign per column). See `tensor_hash`.
         """
         key = (name, -1)
         cached = self._cache.get(key)
         if cached is not None:
             return cached
         d0, d1 = self._shapes[name]
+        paired = self.paired(name)
+        buckets, columns = (self.spec.k // 2, d1 // 2) if paired else (self.spec.k, d1)
         gen = torch.Generator(device="cpu").manual_seed(_chunk_seed(self.spec.seed, name, -1))
-        h1 = torch.randint(0, self.spec.k, (d0,), generator=gen, dtype=torch.int64)
+        h1 = torch.randint(0, buckets, (d0,), generator=gen, dtype=torch.int64)
         s1 = torch.randint(0, 2, (d0,), generator=gen, dtype=torch.int8).float().mul_(2).sub_(1)
-        h2 = torch.randint(0, self.spec.k, (d1,), generator=gen, dtype=torch.int64)
+        h2 = torch.randint(0, buckets, (columns,), generator=gen, dtype=torch.int64)
         s2 = torch.randint(0, 2, (d1,), generator=gen, dtype=torch.int8).float().mul_(2).sub_(1)
         hashes = tuple(t.to(self.device) for t in (h1, s1, h2, s2))
         self._cache[key] = hashes  # O(d0 + d1): always kept
         return hashes
+
+    def tensor_hash(self, name: str, i: torch.Tensor, j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output index, sign) of entries (i, j) of 2-D parameter `name` under the "tensor" kind."""
+        h1, s1, h2, s2 = self.factor_hashes(name)
+        if self.paired(name):
+            target = 2 * ((h1[i] + h2[j // 2]) % (self.spec.k // 2)) + j % 2
+        else:
+            target = (h1[i] + h2[j]) % self.spec.k
+        return target, s1[i] * s2[j]
+
+    def sign_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s1, s2): the "tensor" signs of 2-D parameter `name`, to be put on the rows and columns of its gradient."""
+        _, s1, _, s2 = self.factor_hashes(name)
+        return s1, s2
+
+    # -- paired parameters: signed gradients, one complex scatter ----------------------------------
+    def paired_output(self, batch: int) -> torch.Tensor:
+        """A (B, k/2) complex accumulator for `add_paired`; `finish_paired` turns it into (B, k) features."""
+        return torch.zeros(batch, self.spec.k // 2, dtype=torch.complex64, device=self.device)
+
+    def add_paired(self, out_c: torch.Tensor, name: str, signed: torch.Tensor) -> None:
+        """Add the sketch of a paired parameter's per-sample gradients (B, d0, d1) into `out_c`.
+
+        `signed` must already carry the hash's signs, `s1[i]·s2[j]` on entry (i, j) (put on the factors
+        of a formed gradient for free, see `sign_factors`); each column pair is one complex number.
+        """
+        batch, d0, d1 = signed.shape
+        rows = max(1, CHUNK_ELEMENTS // d1)
+        with _deterministic(out_c.is_cuda):
+            for index, start in enumerate(range(0, d0, rows)):
+                part = signed[:, start : start + rows].reshape(batch, -1, 2)
+                out_c.index_add_(1, self._pair_index(name, index, start, rows), torch.view_as_complex(part))
+
+    def _pair_index(self, name: str, index: int, start: int, rows: int) -> torch.Tensor:
+        """The complex bucket of every column pair of rows [start, start + rows) of a paired parameter."""
+        key = (name, index, "paired")
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        h1, _, h2, _ = self.factor_hashes(name)
+        buckets = (h1[start : start + rows, None] + h2[None, :]) % (self.spec.k // 2)
+        return self._keep(key, buckets.reshape(-1), buckets.numel() * 8)
+
+    def finish_paired(self, out_c: torch.Tensor) -> torch.Tensor:
+        return torch.view_as_real(out_c).reshape(out_c.shape[0], self.spec.k)
 
     def add_factored(self, out: torch.Tensor, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
         """Add the "tensor" sketch of per-sample gradients `G_b = Σ_t a_bt b_btᵀ` of 2-D parameter `name` into `out`.
@@ -240,12 +307,20 @@ class Projector:
             raise ValueError(f"factored sketches need the 'tensor' projector kind, not {self.spec.kind!r}")
         h1, s1, h2, s2 = self.factor_hashes(name)
         k = self.spec.k
+        paired = self.paired(name)
         batch, tokens = a.shape[:2]
         step = max(1, (1 << 24) // max(1, tokens * k))  # rows per chunk: bounded (B, T, k) temporaries
         for start in range(0, batch, step):
             rows = slice(start, start + step)
-            sa = a.new_zeros(a[rows].shape[:2] + (k,)).index_add_(2, h1, a[rows].float() * s1)
-            sb = b.new_zeros(b[rows].shape[:2] + (k,)).index_add_(2, h2, b[rows].float() * s2)
+            shape = a[rows].shape[:2]
+            sa = a.new_zeros(shape + (k // 2 if paired else k,)).index_add_(2, h1, a[rows].float() * s1)
+            if paired:  # column pairs as complex numbers: a convolution over k/2 complex buckets
+                pairs = torch.view_as_complex((b[rows].float() * s2).reshape(*shape, -1, 2))
+                sb = pairs.new_zeros(shape + (k // 2,)).index_add_(2, h2, pairs)
+                spectrum = (torch.fft.fft(sa, dim=2) * torch.fft.fft(sb, dim=2)).sum(1)
+                out[rows] += torch.view_as_real(torch.fft.ifft(spectrum, dim=1)).reshape(-1, k)
+                continue
+            sb = b.new_zeros(shape + (k,)).index_add_(2, h2, b[rows].float() * s2)
             spectrum = (torch.fft.rfft(sa, dim=2) * torch.fft.rfft(sb, dim=2)).sum(1)
             out[rows] += torch.fft.irfft(spectrum, n=k, dim=1)
 
@@ -262,8 +337,7 @@ class Projector:
         if self.spec.kind == "identity":
             target, sign = self.offsets[name] + ids[:, None] * width + cols, None
         elif self.spec.kind == "tensor":
-            h1, s1, h2, s2 = self.factor_hashes(name)
-            target, sign = (h1[ids][:, None] + h2) % self.spec.k, s1[ids][:, None] * s2
+            target, sign = self.tensor_hash(name, ids[:, None], cols)
         elif self.spec.kind == "sparse":
             flat = ids[:, None] * width + cols
             target, sign = torch.empty_like(flat), torch.empty(flat.shape, device=flat.device)
