@@ -14,6 +14,7 @@ from hf_datasel.featurize import Featurizer, Projector, ProjectorSpec, Snapshot
 from hf_datasel.featurize import features as features_module
 from hf_datasel.featurize.features import AdamConstants
 from hf_datasel.featurize.grads import PerSampleGradients
+from hf_datasel.featurize.projector import PAIRED_MIN_COLUMNS
 from hf_datasel.synthetic import TinyLlamaSpec, build_model, make_pool
 
 SPEC = TinyLlamaSpec(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
@@ -94,29 +95,32 @@ def test_factored_sketch_equals_the_formed_gradients_sketch():
 
 
 def test_tensor_hash_pairs_columns_into_complex_buckets():
-    """Version 2: columns 2m, 2m+1 share bucket (h1 + h2[m]) mod k/2 as outputs 2c, 2c+1; odd widths and
-    version-1 specs keep the plain (h1 + h2) mod k; the complex scatter of signed blocks equals `add`."""
+    """Version 2: columns 2m, 2m+1 share bucket (h1 + h2[m]) mod k/2 as outputs 2c, 2c+1; odd or narrow
+    widths and version-1 specs keep the plain (h1 + h2) mod k; the complex scatter of signed blocks equals `add`."""
     torch.manual_seed(0)
-    shapes = {"w": (6, 10), "odd": (4, 7)}
+    wide = PAIRED_MIN_COLUMNS
+    shapes = {"w": (3, wide), "odd": (3, wide + 1), "narrow": (3, 8)}
     spec = ProjectorSpec.create(shapes, 16, seed=3, kind="tensor")
     projector = Projector(spec)
-    assert spec.version == 2 and projector.paired("w") and not projector.paired("odd")
+    assert spec.version == 2 and projector.paired("w")
+    assert not projector.paired("odd") and not projector.paired("narrow")
     h1, s1, h2, s2 = projector.factor_hashes("w")
-    assert h1.max() < 8 and h2.shape == (5,) and s2.shape == (10,)
+    assert h1.max() < 8 and h2.shape == (wide // 2,) and s2.shape == (wide,)
     target, sign = projector.chunk("w", 0)
-    for i in range(6):
-        for j in range(10):
-            assert target[i * 10 + j] == 2 * ((h1[i] + h2[j // 2]) % 8) + j % 2
-            assert sign[i * 10 + j] == s1[i] * s2[j]
-    h1, s1, h2, s2 = projector.factor_hashes("odd")
-    assert h2.shape == (7,)
-    target, _ = projector.chunk("odd", 0)
-    assert all(target[i * 7 + j] == (h1[i] + h2[j]) % 16 for i in range(4) for j in range(7))
+    for i in range(3):
+        for j in range(wide):
+            assert target[i * wide + j] == 2 * ((h1[i] + h2[j // 2]) % 8) + j % 2
+            assert sign[i * wide + j] == s1[i] * s2[j]
+
+    def plain_hash(p: Projector, name: str, width: int) -> bool:
+        h1, _, h2, _ = p.factor_hashes(name)
+        target, _ = p.chunk(name, 0)
+        return all(target[i * width + j] == (h1[i] + h2[j]) % 16 for i in range(3) for j in range(width))
+
+    assert plain_hash(projector, "odd", wide + 1) and plain_hash(projector, "narrow", 8)
     old = Projector(replace(spec, version=1))
-    h1, _, h2, _ = old.factor_hashes("w")
-    target, _ = old.chunk("w", 0)
-    assert not old.paired("w") and all(target[i * 10 + j] == (h1[i] + h2[j]) % 16 for i in range(6) for j in range(10))
-    grads = torch.randn(3, 6, 10)
+    assert not old.paired("w") and plain_hash(old, "w", wide)
+    grads = torch.randn(3, 3, wide)
     plain, paired = projector.new_output(3), projector.paired_output(3)
     projector.add(plain, "w", grads)
     s1, s2 = projector.sign_factors("w")

@@ -6,8 +6,9 @@ whose hash of a weight matrix's entry (i, j) is `h1(i) + h2(j) mod k` with sign 
 (TensorSketch, Pham & Pagh 2013): the sketch of a per-sample gradient `Σ_t δ_t x_tᵀ` is then
 `irfft(Σ_t rfft(CS1 δ_t) · rfft(CS2 x_t))`, had from the two factors in O(T·(d_in + d_out + k log k))
 without ever forming the d_out×d_in gradient; a formed gradient gets the same projection. Since
-version 2, columns 2m and 2m+1 of a row share a bucket `h1(i) + h2(m) mod k/2` as the real and
-imaginary part of one complex number (outputs 2c and 2c+1), each with its own sign: a formed gradient
+version 2, columns 2m and 2m+1 of a row (of a matrix at least `PAIRED_MIN_COLUMNS` wide) share a
+bucket `h1(i) + h2(m) mod k/2` as the real and imaginary part of one complex number (outputs 2c and
+2c+1), each with its own sign: a formed gradient
 whose signs were put on its factors is then sketched by one complex scatter, half the element
 adds of a real one, and the factored form is the same convolution over k/2 complex buckets.
 
@@ -33,6 +34,9 @@ ProjectorKind = Literal["identity", "sparse", "tensor", "rademacher", "gaussian"
 SKETCH_KINDS = ("sparse", "tensor")  # one ±1 per coordinate: O(P) work per sample
 CHUNK_ELEMENTS = 1 << 22  # one generated chunk holds at most this many numbers (16 MiB of fp32)
 PAIRED_VERSION = 2  # "tensor" specs from this version on hash column pairs to complex buckets
+# ... of 2-D parameters at least this wide: on narrower ones (a LoRA B of rank 8) pairs measurably
+# worsened pairwise cosines, and a narrow block is cheap to scatter anyway
+PAIRED_MIN_COLUMNS = 64
 
 
 class SpecMismatchError(ValueError):
@@ -219,15 +223,13 @@ class Projector:
         return mat
 
     def paired(self, name: str) -> bool:
-        """Whether parameter `name` gets the column-pair hash: "tensor" kind (version ≥ 2), 2-D, even d1 and k."""
+        """Whether parameter `name` gets the column-pair hash: "tensor" kind (version ≥ 2), 2-D, an even
+        number of columns, at least `PAIRED_MIN_COLUMNS`, and an even k."""
         shape = self._shapes[name]
         spec = self.spec
-        return (
-            spec.kind == "tensor"
-            and spec.version >= PAIRED_VERSION
-            and len(shape) == 2
-            and not (shape[1] % 2 or spec.k % 2)
-        )
+        if spec.kind != "tensor" or spec.version < PAIRED_VERSION or len(shape) != 2:
+            return False
+        return shape[1] % 2 == 0 and shape[1] >= PAIRED_MIN_COLUMNS and spec.k % 2 == 0
 
     def factor_hashes(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """ "tensor" kind, 2-D parameter `name` of shape (d0, d1): (h1, s1) for dim 0 and (h2, s2) for dim 1.
