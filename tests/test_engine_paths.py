@@ -240,3 +240,27 @@ def test_output_gradients_are_handled_inside_the_backward_pass(tokenizer):
     for i, ref in enumerate(_loop(toy, ids, ids)):
         for name, g in ref.items():
             torch.testing.assert_close(grads[name][i], g, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+@pytest.mark.parametrize("precond", ["none", "adam"])
+def test_column_pair_scatter_on_other_layouts_gives_the_sketch_of_exact_features(tokenizer, family, precond):
+    """GPT-2's Conv1D (in, out) and OPT's biased linears through the signed complex scatter == the tensor
+    projection of their exact features (every weight formed; tied embeddings keep the plain path)."""
+    from hf_datasel.synthetic.families import build_family_model
+
+    model = build_family_model(family, tokenizer)
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    rows = tokenize_rows(make_pool(6, seed=7), tokenizer, 48)
+    batch = pad_batch(rows, tokenizer.pad_token_id)
+    snapshot = _snapshot(model)
+    exact = Featurizer(model, ProjectorSpec.create(shapes, None, dtype="float32"), "cpu")
+    exact.set_snapshot(snapshot, precond)
+    spec = ProjectorSpec.create(shapes, 512, seed=4, kind="tensor", dtype="float32")
+    featurizer = Featurizer(model, spec, "cpu", fuse_bytes=0)
+    featurizer.set_snapshot(snapshot, precond)
+    assert featurizer._paired
+    ours = featurizer.batch_features(batch)[0]
+    expected = featurizer.projector.project_flat(exact.batch_features(batch)[0])
+    error = (ours - expected).norm(dim=1) / expected.norm(dim=1)
+    assert float(error.max()) <= 1e-5
