@@ -82,15 +82,18 @@ def test_tensor_sketch_keeps_pairwise_cosines_as_well_as_countsketch(setup):
 
 
 def test_factored_sketch_equals_the_formed_gradients_sketch():
-    """`Projector.add_factored(a, b)` == `add(Σ_t a_t b_tᵀ)`, for Linear's and Conv1D's layouts alike."""
+    """`Projector.add_factored(a, b)` == `add(Σ_t a_t b_tᵀ)`, for Linear's and Conv1D's layouts alike, with
+    and without column pairs."""
     torch.manual_seed(0)
-    projector = Projector(ProjectorSpec.create({"w": (24, 40), "c": (40, 24)}, 256, kind="tensor"))
-    a, b = torch.randn(3, 7, 24), torch.randn(3, 7, 40)
+    wide = PAIRED_MIN_COLUMNS
+    shapes = {"w": (24, 40), "c": (40, 24), "pw": (24, wide), "pc": (wide, 24)}
+    projector = Projector(ProjectorSpec.create(shapes, 256, kind="tensor"))
+    assert [projector.paired(n) for n in shapes] == [False, False, True, False]
     formed, factored = projector.new_output(3), projector.new_output(3)
-    projector.add(formed, "w", a.transpose(1, 2) @ b)
-    projector.add_factored(factored, "w", a, b)
-    projector.add(formed, "c", b.transpose(1, 2) @ a)
-    projector.add_factored(factored, "c", b, a)
+    for name, (d0, d1) in shapes.items():
+        a, b = torch.randn(3, 7, d0), torch.randn(3, 7, d1)
+        projector.add(formed, name, a.transpose(1, 2) @ b)
+        projector.add_factored(factored, name, a, b)
     torch.testing.assert_close(factored, formed, rtol=0, atol=1e-5 * float(formed.abs().max()))
 
 

@@ -317,8 +317,8 @@ class Projector:
             shape = a[rows].shape[:2]
             sa = a.new_zeros(shape + (k // 2 if paired else k,)).index_add_(2, h1, a[rows].float() * s1)
             if paired:  # column pairs as complex numbers: a convolution over k/2 complex buckets
-                pairs = torch.view_as_complex((b[rows].float() * s2).reshape(*shape, -1, 2))
-                sb = pairs.new_zeros(shape + (k // 2,)).index_add_(2, h2, pairs)
+                pairs = (b[rows].float() * s2).reshape(*shape, -1, 2)  # (real, imaginary) of each pair
+                sb = torch.view_as_complex(pairs.new_zeros(shape + (k // 2, 2)).index_add_(2, h2, pairs))
                 spectrum = (torch.fft.fft(sa, dim=2) * torch.fft.fft(sb, dim=2)).sum(1)
                 out[rows] += torch.view_as_real(torch.fft.ifft(spectrum, dim=1)).reshape(-1, k)
                 continue
