@@ -229,7 +229,8 @@ class Featurizer:
         self.engine.row_sparse = self.engine.row_sparse_able if rows_ok else frozenset()
         self._row_adam: dict[str, tuple[AdamConstants, torch.Tensor]] = {}  # exact Adam: constants, direction at g=0
         self._engine_scales: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # adam_factored's, on the factors
-        # formed "tensor" weights get the hash's signs on their factors too (free), then one complex scatter
+        # formed "tensor" weights get the hash's signs on their factors too (T·(d0 + d1) multiplies a row,
+        # not a pass over the block), then one complex scatter
         paired_ok = self.device.type == "cpu"
         self._paired = frozenset(
             n for n in self.spec.param_names

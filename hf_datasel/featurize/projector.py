@@ -277,7 +277,7 @@ class Projector:
         """Add the sketch of a paired parameter's per-sample gradients (B, d0, d1) into `out_c`.
 
         `signed` must already carry the hash's signs, `s1[i]·s2[j]` on entry (i, j) (put on the factors
-        of a formed gradient for free, see `sign_factors`); each column pair is one complex number.
+        of a formed gradient at T·(d0 + d1) a row, see `sign_factors`); each column pair is one complex number.
         """
         batch, d0, d1 = signed.shape
         rows = max(1, CHUNK_ELEMENTS // d1)
