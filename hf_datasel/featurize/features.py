@@ -159,9 +159,10 @@ class Featurizer:
     (d0·d1 ≥ FACTOR_RATIO·k·log2 k) are never formed: their sketch is computed from the
     per-token factors (`Projector.add_factored`). "adam_factored" is an approximation of "adam"
     (Adafactor-style second moments, see `AdamConstants.factored_scale`; 1-D parameters exact).
-    On CPU, the other 2-D weights of even width under "tensor" are formed with the hash's signs on
-    their factors and sketched by one complex scatter of column pairs (`Projector.add_paired`), for
-    every preconditioner (exact Adam signs the first moment the same way).
+    On CPU, the other linear weights that the "tensor" hash pairs (`Projector.paired`: an even width of
+    at least `PAIRED_MIN_COLUMNS`) are formed with the hash's signs on their factors and sketched by one
+    complex scatter of column pairs (`Projector.add_paired`), for every preconditioner (exact Adam
+    signs the first moment the same way).
     """
 
     def __init__(

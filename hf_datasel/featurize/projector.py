@@ -8,9 +8,9 @@ whose hash of a weight matrix's entry (i, j) is `h1(i) + h2(j) mod k` with sign 
 without ever forming the d_out×d_in gradient; a formed gradient gets the same projection. Since
 version 2, columns 2m and 2m+1 of a row (of a matrix at least `PAIRED_MIN_COLUMNS` wide) share a
 bucket `h1(i) + h2(m) mod k/2` as the real and imaginary part of one complex number (outputs 2c and
-2c+1), each with its own sign: a formed gradient
-whose signs were put on its factors is then sketched by one complex scatter, half the element
-adds of a real one, and the factored form is the same convolution over k/2 complex buckets.
+2c+1), each with its own sign: a formed gradient whose signs were put on its factors is then
+sketched by one complex scatter, half the element adds of a real one, and the factored form is the
+same convolution over k/2 complex buckets.
 
 `R` is never held whole for a large model: it is cut into parameter blocks (one per named
 parameter) and each block into row chunks, and every chunk is generated on the CPU from a seed
