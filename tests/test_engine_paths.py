@@ -220,7 +220,8 @@ def test_output_gradients_are_handled_inside_the_backward_pass(tokenizer):
     assert layer == sorted(layer, reverse=True) and layer[0] > layer[-1]  # backward order
     assert not any(enabled for name, enabled in order if name.startswith("model.layers."))  # inside autograd
 
-    class InPlace(torch.nn.Module):  # adds into its Linear's output in place, as Falcon's decoder layer does
+    class InPlace(torch.nn.Module):  # writes into its Linear's output in place: Falcon's decoder layer adds; a
+        # scale also changes the output's gradient, so δ must be that of the output before the write
         def __init__(self):
             super().__init__()
             self.emb, self.lin, self.head = torch.nn.Embedding(9, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 9)
@@ -228,6 +229,7 @@ def test_output_gradients_are_handled_inside_the_backward_pass(tokenizer):
         def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
             h = self.emb(input_ids)
             out = self.lin(h)
+            out *= 1.5
             out += h
             return SimpleNamespace(logits=self.head(torch.tanh(out)))
 
@@ -237,6 +239,36 @@ def test_output_gradients_are_handled_inside_the_backward_pass(tokenizer):
     engine = PerSampleGradients(toy)
     grads, _, _ = engine(ids, torch.ones_like(ids), ids)
     assert engine._tap is False
+    for i, ref in enumerate(_loop(toy, ids, ids)):
+        for name, g in ref.items():
+            torch.testing.assert_close(grads[name][i], g, rtol=1e-5, atol=1e-7)
+
+
+def test_a_write_into_one_output_of_a_tuple_leaves_its_gradient_exact():
+    """A module with two outputs (as an MoE router has) whose first the model scales in place afterwards."""
+
+    class Pair(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.linspace(0.5, 1.5, 4))
+
+        def forward(self, h):
+            return h * self.weight, torch.tanh(h * self.weight)
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.pair, self.head = torch.nn.Embedding(9, 4), Pair(), torch.nn.Linear(4, 9)
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
+            a, b = self.pair(self.emb(input_ids))
+            a.mul_(1.5)
+            return SimpleNamespace(logits=self.head(a + b))
+
+    torch.manual_seed(0)
+    toy = Toy()
+    ids = torch.randint(0, 9, (3, 5))
+    grads, _, _ = PerSampleGradients(toy)(ids, torch.ones_like(ids), ids)
     for i, ref in enumerate(_loop(toy, ids, ids)):
         for name, g in ref.items():
             torch.testing.assert_close(grads[name][i], g, rtol=1e-5, atol=1e-7)

@@ -244,17 +244,22 @@ class PerSampleGradients:
                         "so its parameters' per-sample gradients cannot be had: freeze them (requires_grad=False) "
                         "or train LoRA adapters on linear layers instead"
                     )
+                # What the model gets back is never a tensor it could write into unseen: a write in place would
+                # make δ the gradient of what was written, not of the call's output (taps refuse such writes)
                 if not torch.is_tensor(output):  # each part through an identity node: its gradient is then
                     # only what reaches it from outside the call, not also what flows from one part into another
                     parts = tuple(o.view_as(o) if torch.is_tensor(o) and o.requires_grad else o for o in output)
                     calls.append(_Call(owner, args, kwargs, parts))
                     done.append(False)
-                    return type(output)(parts) if type(output) in (tuple, list) else type(output)(*parts)
+                    handed = tuple(o.clone() if torch.is_tensor(o) and o.requires_grad else o for o in parts)
+                    return type(output)(handed) if type(output) in (tuple, list) else type(output)(*handed)
                 calls.append(_Call(owner, args, kwargs, output))
                 done.append(False)
-                if anchor is not None and output.requires_grad:  # δ is handled the moment backward reaches it
+                if not output.requires_grad:
+                    return None
+                if anchor is not None:  # δ is handled the moment backward reaches it
                     return _Tap.apply(output, anchor, functools.partial(process, len(calls) - 1))
-                return None
+                return output.clone()  # the model refused the taps: it writes into module outputs in place
 
             return hook
 
