@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_datasel.data import pad_batch, tokenize_rows
 from hf_datasel.featurize import Featurizer, PerSampleGradients, ProjectorSpec, Snapshot
-from hf_datasel.featurize.grads import Scratch
+from hf_datasel.featurize.grads import Scratch, _Call, _scaled_output_grads
 from hf_datasel.synthetic import make_pool
 
 
@@ -78,6 +78,77 @@ def test_embedding_scatter_and_per_channel_shortcut_are_exact():
         assert grads["emb.weight"][0, 0].abs().max() == 0
     assert owners["scale"].per_channel is True  # its shortcut gave the vmap result: kept
     assert owners["reversed"].per_channel is False  # it did not: vmap for good
+
+
+class OnePlus(torch.nn.Module):
+    """Per channel but not scaling the output: y_c = (1 + w_c) · h_c (Gemma's norms)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.linspace(0.3, -0.6, d))
+
+    def forward(self, h):
+        return h * (1 + self.weight)
+
+
+class Norms(torch.nn.Module):
+    """Two per-channel modules; `write_into` makes the forward write into the first one's output afterwards."""
+
+    def __init__(self, vocab: int = 9, d: int = 4):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, d)
+        self.scale, self.one_plus = Scale(d), OnePlus(d)
+        with torch.no_grad():
+            self.scale.weight.copy_(torch.linspace(-1.0, 2.0, d) + 0.3)  # no zero entry
+        self.head = torch.nn.Linear(d, vocab)
+        self.write_into = False
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
+        h = self.scale(self.emb(input_ids))
+        if self.write_into:
+            h.mul_(2)
+        return SimpleNamespace(logits=self.head(torch.tanh(self.one_plus(h))))
+
+
+def test_output_scaling_shortcut_is_exact_and_steps_aside_when_it_cannot_apply():
+    """`dw = Σ δ ⊙ y / w` for a module whose weight scales its output; the two-forward shortcut for (1 + w) ⊙ h,
+    a weight with a zero entry and an output the model wrote into (each of which `y / w` would get wrong)."""
+    torch.manual_seed(0)
+    toy = Norms()
+    engine = PerSampleGradients(toy)
+    owners = {o.name: o for o in engine.owners}
+
+    def check():
+        ids = torch.randint(0, 9, (4, 6))
+        grads, _, valid = engine(ids, torch.ones_like(ids), ids)
+        assert valid.all()
+        for i, ref in enumerate(_loop(toy, ids, ids)):
+            for name, g in ref.items():
+                torch.testing.assert_close(grads[name][i], g, rtol=1e-5, atol=1e-7)
+
+    check()  # the first call compares both shortcuts with vmap
+    assert (owners["scale"].per_channel, owners["scale"].scales_output) == (True, True)
+    assert (owners["one_plus"].per_channel, owners["one_plus"].scales_output) == (True, False)
+    check()
+    with torch.no_grad():
+        toy.scale.weight[1] = 0.0
+    check()  # a zero weight: no y / w
+    with torch.no_grad():
+        toy.scale.weight[1] = 0.5
+    toy.write_into = True
+    check()  # the model writes into the output: without taps, into a copy, so the call's output stays intact
+    assert engine._tap is False and owners["scale"].scales_output is True
+
+    ids = torch.randint(0, 9, (2, 3))  # an output written into after the call (its version moved): no y / w
+    h = toy.emb(ids)
+    y = toy.scale(h)
+    call = _Call(owners["scale"], (h,), {}, y, y._version)
+    delta = torch.randn_like(y)
+    expected = (delta * h).sum(1)
+    torch.testing.assert_close(_scaled_output_grads(call, delta, 2)["weight"], expected, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        y.mul_(2)
+    assert _scaled_output_grads(call, delta, 2) is None
 
 
 def _untied_llama(vocab: int) -> LlamaForCausalLM:

@@ -18,7 +18,8 @@ depends only on sample b's activations, those output gradients δ are per-sample
   the batch, exact for any module whose forward treats samples independently. A module whose 1-D
   parameters act per channel and affinely (`y = w ⊙ x̂ + b`, `(1 + w) ⊙ x̂`: every norm) takes a
   shortcut instead, `dw_b = Σ_t δ_bt ⊙ (y(w=1) − y(w=0))_bt` from two batched forwards, once its
-  first call has given the vmap result.
+  first call has given the vmap result; one whose single parameter scales its output (`w ⊙ x̂`:
+  RMSNorm) needs no forward at all, `dw_b = (Σ_t δ_bt ⊙ y_bt) / w` from the output it returned.
 
 Nothing depends on module shapes by special case. A tensor is split into rows by its leading
 dimension, which must be the batch size B or, for modules that see inputs flattened over batch
@@ -97,6 +98,7 @@ class _Owner:
     layout: str | None  # OUT_IN / IN_OUT for a linear module (batched matmul), None for the vmap path
     embedding: bool = False  # a plain nn.Embedding: one scatter
     per_channel: bool | None = None  # 1-D parameters per output channel: None untried, True/False once compared
+    scales_output: bool | None = None  # its one parameter scales its output, y = w ⊙ s(x): None untried
     verified: bool = False  # its rows, recomputed one at a time, gave the batched output once
 
 
@@ -106,6 +108,7 @@ class _Call:
     args: tuple
     kwargs: dict
     output: torch.Tensor | tuple | None  # a tensor, or a tuple of tensors and Nones (an MoE router's)
+    version: int = -1  # the output tensor's version counter when the call returned (in-place writes bump it)
 
 
 def _output_parts(output: object) -> tuple | None:
@@ -253,7 +256,7 @@ class PerSampleGradients:
                     done.append(False)
                     handed = tuple(o.clone() if torch.is_tensor(o) and o.requires_grad else o for o in parts)
                     return type(output)(handed) if type(output) in (tuple, list) else type(output)(*handed)
-                calls.append(_Call(owner, args, kwargs, output))
+                calls.append(_Call(owner, args, kwargs, output, output._version))
                 done.append(False)
                 if not output.requires_grad:
                     return None
@@ -335,10 +338,11 @@ class PerSampleGradients:
                     late = [i for i in differentiable if anchor is None or not torch.is_tensor(calls[i].output)]
                     parts = [(i, j, o) for i in late for j, o in _grad_parts(calls[i].output)]
                     if anchor is not None:  # every tap lies on a path to the anchor: each δ passes through once
-                        for c in calls:  # outputs still to be compared once are kept; the others may be freed
+                        for c in calls:  # outputs still to be compared once, or read again, are kept
                             o = c.owner
                             tapped = torch.is_tensor(c.output)
-                            if tapped and (o.layout is not None or o.embedding or o.per_channel or o.verified):
+                            read = o.per_channel is not False and o.scales_output is not False  # ∂y/∂w = y / w
+                            if tapped and (o.layout is not None or o.embedding or (o.verified and not read)):
                                 c.output = None
                     asked = ([anchor] if anchor is not None else []) + [o for _, _, o in parts]
                     deltas = torch.autograd.grad(total, asked, allow_unused=True)[len(asked) - len(parts) :]
@@ -543,15 +547,19 @@ def _module_grads(
         return _linear_grads(call, delta, batch, tokens, scales, into)
     if call.owner.embedding:
         return _embedding_grads(call, delta, batch, tokens)
-    if call.owner.per_channel:
-        return _per_channel_grads(call, delta, batch)
-    if call.owner.per_channel is None:  # untried: the shortcut is kept only if it gives the vmap result
+    owner = call.owner
+    if owner.per_channel:
+        scaled = _scaled_output_grads(call, delta, batch) if owner.scales_output else None
+        return scaled if scaled is not None else _per_channel_grads(call, delta, batch)
+    if owner.per_channel is None:  # untried: each shortcut is kept only if it gives the vmap result
         exact = _vmap_grads(call, delta, batch, tokens)
         try:
             quick = _per_channel_grads(call, delta, batch)
         except (RuntimeError, TypeError, ValueError):  # a module the shortcut cannot even run on
             quick = None
-        call.owner.per_channel = quick is not None and all(_close(quick[k], v) for k, v in exact.items())
+        owner.per_channel = quick is not None and all(_close(quick[k], v) for k, v in exact.items())
+        scaled = _scaled_output_grads(call, delta, batch) if owner.per_channel else None
+        owner.scales_output = scaled is not None and all(_close(scaled[k], v) for k, v in exact.items())
         return exact
     return _vmap_grads(call, delta, batch, tokens)
 
@@ -594,7 +602,7 @@ def _embedding_grads(call: _Call, delta: torch.Tensor, batch: int, tokens: int) 
     return {"weight": grads.reshape(batch, module.num_embeddings, -1)}
 
 
-# -- per-channel parameters (norms): two batched forwards -------------------------------------
+# -- per-channel parameters (norms): two batched forwards, or none -----------------------------
 def _per_channel_grads(call: _Call, delta: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
     """`dw_b = Σ_t δ_bt ⊙ ∂y_bt/∂w` for 1-D parameters that act per output channel and affinely (every norm).
 
@@ -618,6 +626,28 @@ def _per_channel_grads(call: _Call, delta: torch.Tensor, batch: int) -> dict[str
             slope = torch.func.functional_call(bare, ones, tuple(args), kwargs).float() - at_zero.float()
             out[local] = _by_row(delta.float() * slope, batch).reshape(batch, -1, width).sum(1)
     return out
+
+
+def _scaled_output_grads(call: _Call, delta: torch.Tensor, batch: int) -> dict[str, torch.Tensor] | None:
+    """`dw_b = (Σ_t δ_bt ⊙ y_bt) / w` for a module whose one parameter scales its output, `y = w ⊙ s(x)` (RMSNorm,
+    a LayerNorm without bias): no forward at all, since `∂y/∂w = s = y / w`.
+
+    Exact for such modules only, which is why its first call is compared with the vmap result (`_module_grads`);
+    None (use `_per_channel_grads`) when it cannot apply to this call: a weight with a zero (or subnormal) entry,
+    an output the model wrote into after the call, or an output that is not one tensor per channel of w.
+    """
+    owner = call.owner
+    y = call.output
+    if len(owner.local_to_name) != 1 or not torch.is_tensor(y) or y._version != call.version:
+        return None
+    ((local, _),) = owner.local_to_name.items()
+    w = owner.module.get_parameter(local).detach().float()
+    if y.shape != delta.shape or w.dim() != 1 or y.shape[-1] != w.shape[0]:
+        return None
+    if not bool(torch.all(torch.isfinite(w) & (w.abs() >= torch.finfo(y.dtype).tiny))):
+        return None
+    dy = _by_row(delta.float() * y.float(), batch).reshape(batch, -1, w.shape[0]).sum(1)
+    return {local: dy.div_(w)}
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
