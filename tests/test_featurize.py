@@ -362,9 +362,10 @@ def test_generic_path_handles_keyword_inputs():
             torch.testing.assert_close(grads[name][i], p.grad, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("kind", ["sparse", "rademacher"])
+@pytest.mark.parametrize("kind", ["sparse", "tensor", "rademacher"])
 def test_fused_and_blockwise_paths_agree(tokenizer, rows, kind):
-    """Small P: one (B, P) buffer; large P: block by block. Same features either way."""
+    """Small P: one (B, P) buffer; large P: block by block. Same features either way (with "tensor", block by
+    block the LoRA A matrices are signed on their factors and scattered in column pairs; fused, they are not)."""
     model = _model(tokenizer, peft=True)
     shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
     snapshot = _fake_snapshot(model)
@@ -372,6 +373,7 @@ def test_fused_and_blockwise_paths_agree(tokenizer, rows, kind):
     out = []
     for fuse_bytes in (1 << 30, 0):
         f = Featurizer(model, ProjectorSpec.create(shapes, k=96, seed=3, kind=kind), "cpu", fuse_bytes=fuse_bytes)
+        assert bool(f._paired) == (kind == "tensor")
         f.set_snapshot(snapshot, "adam")
         out.append(f.batch_features(batch)[0])
     torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-6)

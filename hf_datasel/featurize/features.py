@@ -335,11 +335,8 @@ class Featurizer:
             start = offsets[name]
             buffer[:, start : start + grads[0].numel()] = grads.reshape(size, -1)
 
-        signed_scales, self.engine.weight_scales = self.engine.weight_scales, self._engine_scales
-        try:  # projected at once below: gradients without the hash's signs
-            _, loss, valid = self.engine(*inputs, consume=gather)
-        finally:
-            self.engine.weight_scales = signed_scales
+        # projected at once below: gradients without the hash's signs (nor adam_factored's scales: not fused)
+        _, loss, valid = self.engine(*inputs, consume=gather, weight_scales={})
         if self.preconditioner != "none":
             if self._flat_adam is None:  # the per-parameter constants as one flat set, built on first use
                 parts = [self._adam[n] for n in self.spec.param_names]

@@ -215,6 +215,7 @@ class PerSampleGradients:
         consume: Callable[[str, torch.Tensor], None] | None = None,
         consume_factors: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
         consume_rows: Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+        weight_scales: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> tuple[dict[str, torch.Tensor] | None, torch.Tensor, torch.Tensor]:
         """Returns (grads or None, per-sample loss (B,), valid (B,) bool).
 
@@ -229,12 +230,15 @@ class PerSampleGradients:
         With `consume_rows`, the weight of every embedding named in `self.row_sparse` is handed out as
         its non-zero rows: `consume_rows(name, ids (U,), samples (U,), values (U, d))` means row
         `ids[u]` of sample `samples[u]`'s gradient is `values[u]`, and every other row is zero.
+
+        `weight_scales` replaces `self.weight_scales` (the scales put on formed weights' factors) for this call.
         """
         if any(m.gradient_checkpointing is True for m in self._checkpointable):
             raise PerSampleGradientError(
                 "gradient checkpointing is on: its recomputed forwards would re-fire the capture hooks; turn it off"
             )
         batch, tokens = input_ids.shape
+        scales_of = self.weight_scales if weight_scales is None else weight_scales
         calls: list[_Call] = []
         anchor = torch.zeros((), device=input_ids.device, requires_grad=True) if self._tap else None
         done: list[bool] = []
@@ -306,7 +310,7 @@ class PerSampleGradients:
                 formed_once = call.owner.layout is not None and weight is not None and uses[weight] == 1
                 if self.scratch is not None and consume is not None and formed_once and torch.is_tensor(delta):
                     into = self.scratch.take((batch, *self.shapes[weight]), delta.device)  # handed on at once
-                grads = _module_grads(call, delta, batch, tokens, self.weight_scales.get(weight), into)
+                grads = _module_grads(call, delta, batch, tokens, scales_of.get(weight), into)
                 owned = call.owner.local_to_name
             for local, name in owned.items():
                 acc[name] = grads[local] if name not in acc else acc[name] + grads[local]
@@ -359,7 +363,7 @@ class PerSampleGradients:
             for h in hooks:
                 h.remove()
         if not self._tap and anchor is not None:  # the forward refused the taps: run it again without them
-            return self(input_ids, attention_mask, labels, consume, consume_factors, consume_rows)
+            return self(input_ids, attention_mask, labels, consume, consume_factors, consume_rows, weight_scales)
         for i, finished in enumerate(done):  # outputs that never reached the loss (or no valid row)
             if not finished:
                 process(i, None)
