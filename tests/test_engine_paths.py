@@ -81,7 +81,7 @@ def test_embedding_scatter_and_per_channel_shortcut_are_exact():
 
 
 class OnePlus(torch.nn.Module):
-    """Per channel but not scaling the output: y_c = (1 + w_c) · h_c (Gemma's norms)."""
+    """Per channel, scaling the output by 1 + w: y_c = (1 + w_c) · h_c (Gemma's norms)."""
 
     def __init__(self, d: int):
         super().__init__()
@@ -91,15 +91,30 @@ class OnePlus(torch.nn.Module):
         return h * (1 + self.weight)
 
 
+class DoubleShift(torch.nn.Module):
+    """Per channel and affine, but its bias counts twice: y_c = w_c · h_c + 2 b_c."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.linspace(0.5, 1.5, d))
+        self.bias = torch.nn.Parameter(torch.linspace(-0.2, 0.2, d))
+
+    def forward(self, h):
+        return h * self.weight + 2 * self.bias
+
+
 class Norms(torch.nn.Module):
-    """Two per-channel modules; `write_into` makes the forward write into the first one's output afterwards."""
+    """Per-channel modules of each form; `write_into` makes the forward write into the first one's output."""
 
     def __init__(self, vocab: int = 9, d: int = 4):
         super().__init__()
         self.emb = torch.nn.Embedding(vocab, d)
-        self.scale, self.one_plus = Scale(d), OnePlus(d)
+        self.scale, self.one_plus, self.double_shift = Scale(d), OnePlus(d), DoubleShift(d)
+        self.layer_norm = torch.nn.LayerNorm(d)
         with torch.no_grad():
             self.scale.weight.copy_(torch.linspace(-1.0, 2.0, d) + 0.3)  # no zero entry
+            self.layer_norm.weight.copy_(torch.linspace(0.5, 1.5, d))
+            self.layer_norm.bias.copy_(torch.linspace(0.3, -0.3, d))
         self.head = torch.nn.Linear(d, vocab)
         self.write_into = False
 
@@ -107,12 +122,14 @@ class Norms(torch.nn.Module):
         h = self.scale(self.emb(input_ids))
         if self.write_into:
             h.mul_(2)
-        return SimpleNamespace(logits=self.head(torch.tanh(self.one_plus(h))))
+        h = self.double_shift(self.layer_norm(self.one_plus(h)))
+        return SimpleNamespace(logits=self.head(torch.tanh(h)))
 
 
-def test_output_scaling_shortcut_is_exact_and_steps_aside_when_it_cannot_apply():
-    """`dw = Σ δ ⊙ y / w` for a module whose weight scales its output; the two-forward shortcut for (1 + w) ⊙ h,
-    a weight with a zero entry and an output the model wrote into (each of which `y / w` would get wrong)."""
+def test_per_channel_fast_forms_are_exact_and_step_aside_when_they_cannot_apply():
+    """`dw = Σ δ ⊙ y / w` for a module whose weight scales its output (`/ (1 + w)` for Gemma's (1 + w) ⊙ h), one
+    forward for a LayerNorm's `w ⊙ s + b`, the general shortcut for w ⊙ h + 2b (which the fast forms would get
+    wrong), a weight with a zero entry and an output the model wrote into (which `y / w` would get wrong)."""
     torch.manual_seed(0)
     toy = Norms()
     engine = PerSampleGradients(toy)
@@ -126,9 +143,10 @@ def test_output_scaling_shortcut_is_exact_and_steps_aside_when_it_cannot_apply()
             for name, g in ref.items():
                 torch.testing.assert_close(grads[name][i], g, rtol=1e-5, atol=1e-7)
 
-    check()  # the first call compares both shortcuts with vmap
-    assert (owners["scale"].per_channel, owners["scale"].scales_output) == (True, True)
-    assert (owners["one_plus"].per_channel, owners["one_plus"].scales_output) == (True, False)
+    check()  # the first call compares the shortcuts with vmap
+    norms = ("scale", "layer_norm", "one_plus", "double_shift")
+    assert all(owners[name].per_channel for name in norms)
+    assert [owners[name].channel_form for name in norms] == ["scale", "scale_shift", "one_plus_scale", ""]
     check()
     with torch.no_grad():
         toy.scale.weight[1] = 0.0
@@ -137,7 +155,7 @@ def test_output_scaling_shortcut_is_exact_and_steps_aside_when_it_cannot_apply()
         toy.scale.weight[1] = 0.5
     toy.write_into = True
     check()  # the model writes into the output: without taps, into a copy, so the call's output stays intact
-    assert engine._tap is False and owners["scale"].scales_output is True
+    assert engine._tap is False and owners["scale"].channel_form == "scale"
 
     ids = torch.randint(0, 9, (2, 3))  # an output written into after the call (its version moved): no y / w
     h = toy.emb(ids)

@@ -18,8 +18,10 @@ depends only on sample b's activations, those output gradients δ are per-sample
   the batch, exact for any module whose forward treats samples independently. A module whose 1-D
   parameters act per channel and affinely (`y = w ⊙ x̂ + b`, `(1 + w) ⊙ x̂`: every norm) takes a
   shortcut instead, `dw_b = Σ_t δ_bt ⊙ (y(w=1) − y(w=0))_bt` from two batched forwards, once its
-  first call has given the vmap result; one whose single parameter scales its output (`w ⊙ x̂`:
-  RMSNorm) needs no forward at all, `dw_b = (Σ_t δ_bt ⊙ y_bt) / w` from the output it returned.
+  first call has given the vmap result. Faster forms, each kept likewise (`CHANNEL_FORMS`): a module
+  whose one parameter scales its output (`w ⊙ x̂`: RMSNorm; `(1 + w) ⊙ x̂`: Gemma) needs no forward
+  at all, `dw_b = (Σ_t δ_bt ⊙ y_bt) / w` (or `/ (1 + w)`) from the output it returned; a LayerNorm
+  (`w ⊙ x̂ + b`) one, of `x̂ = y(w=1, b=0)`.
 
 Nothing depends on module shapes by special case. A tensor is split into rows by its leading
 dimension, which must be the batch size B or, for modules that see inputs flattened over batch
@@ -98,7 +100,7 @@ class _Owner:
     layout: str | None  # OUT_IN / IN_OUT for a linear module (batched matmul), None for the vmap path
     embedding: bool = False  # a plain nn.Embedding: one scatter
     per_channel: bool | None = None  # 1-D parameters per output channel: None untried, True/False once compared
-    scales_output: bool | None = None  # its one parameter scales its output, y = w ⊙ s(x): None untried
+    channel_form: str | None = None  # per channel: its exact fast form (`CHANNEL_FORMS`), "" none, None untried
     verified: bool = False  # its rows, recomputed one at a time, gave the batched output once
 
 
@@ -345,7 +347,7 @@ class PerSampleGradients:
                         for c in calls:  # outputs still to be compared once, or read again, are kept
                             o = c.owner
                             tapped = torch.is_tensor(c.output)
-                            read = o.per_channel is not False and o.scales_output is not False  # ∂y/∂w = y / w
+                            read = o.per_channel is not False and o.channel_form in (None, *_FROM_OUTPUT)
                             if tapped and (o.layout is not None or o.embedding or (o.verified and not read)):
                                 c.output = None
                     asked = ([anchor] if anchor is not None else []) + [o for _, _, o in parts]
@@ -553,8 +555,8 @@ def _module_grads(
         return _embedding_grads(call, delta, batch, tokens)
     owner = call.owner
     if owner.per_channel:
-        scaled = _scaled_output_grads(call, delta, batch) if owner.scales_output else None
-        return scaled if scaled is not None else _per_channel_grads(call, delta, batch)
+        fast = CHANNEL_FORMS[owner.channel_form](call, delta, batch) if owner.channel_form else None
+        return fast if fast is not None else _per_channel_grads(call, delta, batch)
     if owner.per_channel is None:  # untried: each shortcut is kept only if it gives the vmap result
         exact = _vmap_grads(call, delta, batch, tokens)
         try:
@@ -562,8 +564,12 @@ def _module_grads(
         except (RuntimeError, TypeError, ValueError):  # a module the shortcut cannot even run on
             quick = None
         owner.per_channel = quick is not None and all(_close(quick[k], v) for k, v in exact.items())
-        scaled = _scaled_output_grads(call, delta, batch) if owner.per_channel else None
-        owner.scales_output = scaled is not None and all(_close(scaled[k], v) for k, v in exact.items())
+        owner.channel_form = ""
+        for form, grads_of in CHANNEL_FORMS.items() if owner.per_channel else ():
+            fast = grads_of(call, delta, batch)
+            if fast is not None and fast.keys() == exact.keys() and all(_close(fast[k], v) for k, v in exact.items()):
+                owner.channel_form = form
+                break
         return exact
     return _vmap_grads(call, delta, batch, tokens)
 
@@ -606,7 +612,7 @@ def _embedding_grads(call: _Call, delta: torch.Tensor, batch: int, tokens: int) 
     return {"weight": grads.reshape(batch, module.num_embeddings, -1)}
 
 
-# -- per-channel parameters (norms): two batched forwards, or none -----------------------------
+# -- per-channel parameters (norms): a few batched forwards, or none --------------------------
 def _per_channel_grads(call: _Call, delta: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
     """`dw_b = Σ_t δ_bt ⊙ ∂y_bt/∂w` for 1-D parameters that act per output channel and affinely (every norm).
 
@@ -614,30 +620,37 @@ def _per_channel_grads(call: _Call, delta: torch.Tensor, batch: int) -> dict[str
     only, which is why its first call is compared with the vmap result (`_module_grads`).
     """
     owner = call.owner
-    leaves, spec = tree_flatten((call.args, call.kwargs))
-    args, kwargs = tree_unflatten([a.detach() if torch.is_tensor(a) else a for a in leaves], spec)
-    bare = _Bare(owner.module)
-    zeros = {f"inner.{local}": torch.zeros_like(owner.module.get_parameter(local)) for local in owner.local_to_name}
+    zeros = {local: torch.zeros_like(owner.module.get_parameter(local)) for local in owner.local_to_name}
+    at_zero = _forward_with(call, zeros)
     out = {}
-    with torch.no_grad():
-        at_zero = torch.func.functional_call(bare, zeros, tuple(args), kwargs)
-        for local in owner.local_to_name:
-            key = f"inner.{local}"
-            width = zeros[key].shape[0]
-            if delta.shape[-1] != width or at_zero.shape != delta.shape:
-                raise ValueError(f"{owner.name}: output {tuple(at_zero.shape)} is not per channel of {local}")
-            ones = {**zeros, key: torch.ones_like(zeros[key])}
-            slope = torch.func.functional_call(bare, ones, tuple(args), kwargs).float() - at_zero.float()
-            out[local] = _by_row(delta.float() * slope, batch).reshape(batch, -1, width).sum(1)
+    for local in owner.local_to_name:
+        width = zeros[local].shape[0]
+        if delta.shape[-1] != width or at_zero.shape != delta.shape:
+            raise ValueError(f"{owner.name}: output {tuple(at_zero.shape)} is not per channel of {local}")
+        slope = _forward_with(call, {**zeros, local: torch.ones_like(zeros[local])}).float() - at_zero.float()
+        out[local] = _by_row(delta.float() * slope, batch).reshape(batch, -1, width).sum(1)
     return out
 
 
-def _scaled_output_grads(call: _Call, delta: torch.Tensor, batch: int) -> dict[str, torch.Tensor] | None:
-    """`dw_b = (Σ_t δ_bt ⊙ y_bt) / w` for a module whose one parameter scales its output, `y = w ⊙ s(x)` (RMSNorm,
-    a LayerNorm without bias): no forward at all, since `∂y/∂w = s = y / w`.
+def _forward_with(call: _Call, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The call's output again, with its module's parameters `params` (local names) instead (no hooks, no grad)."""
+    leaves, spec = tree_flatten((call.args, call.kwargs))
+    args, kwargs = tree_unflatten([a.detach() if torch.is_tensor(a) else a for a in leaves], spec)
+    with torch.no_grad():
+        return torch.func.functional_call(
+            _Bare(call.owner.module), {f"inner.{k}": v for k, v in params.items()}, tuple(args), kwargs
+        )
+
+
+def _scaled_output_grads(
+    call: _Call, delta: torch.Tensor, batch: int, offset: float = 0.0
+) -> dict[str, torch.Tensor] | None:
+    """`dw_b = (Σ_t δ_bt ⊙ y_bt) / (offset + w)` for a module whose one parameter scales its output,
+    `y = (offset + w) ⊙ s(x)` (RMSNorm, a LayerNorm without bias; Gemma's norms with offset 1): no forward at
+    all, since `∂y/∂w = s = y / (offset + w)`.
 
     Exact for such modules only, which is why its first call is compared with the vmap result (`_module_grads`);
-    None (use `_per_channel_grads`) when it cannot apply to this call: a weight with a zero (or subnormal) entry,
+    None (use `_per_channel_grads`) when it cannot apply to this call: a scale with a zero (or subnormal) entry,
     an output the model wrote into after the call, or an output that is not one tensor per channel of w.
     """
     owner = call.owner
@@ -645,13 +658,44 @@ def _scaled_output_grads(call: _Call, delta: torch.Tensor, batch: int) -> dict[s
     if len(owner.local_to_name) != 1 or not torch.is_tensor(y) or y._version != call.version:
         return None
     ((local, _),) = owner.local_to_name.items()
-    w = owner.module.get_parameter(local).detach().float()
+    w = owner.module.get_parameter(local).detach().float() + offset
     if y.shape != delta.shape or w.dim() != 1 or y.shape[-1] != w.shape[0]:
         return None
     if not bool(torch.all(torch.isfinite(w) & (w.abs() >= torch.finfo(y.dtype).tiny))):
         return None
     dy = _by_row(delta.float() * y.float(), batch).reshape(batch, -1, w.shape[0]).sum(1)
     return {local: dy.div_(w)}
+
+
+def _scale_shift_grads(call: _Call, delta: torch.Tensor, batch: int) -> dict[str, torch.Tensor] | None:
+    """`dw_b = Σ_t δ_bt ⊙ s_bt`, `db_b = Σ_t δ_bt` for a module `y = w ⊙ s(x) + b` (LayerNorm): one forward,
+    `s = y(w = 1, b = 0)`, instead of the general shortcut's three.
+
+    Exact for such modules only, which is why its first call is compared with the vmap result (`_module_grads`);
+    None when the module's parameters are not a `weight` and a `bias` of its output's width.
+    """
+    owner = call.owner
+    if set(owner.local_to_name) != {"weight", "bias"}:
+        return None
+    w = owner.module.get_parameter("weight")
+    if w.dim() != 1 or delta.shape[-1] != w.shape[0]:
+        return None
+    s = _forward_with(
+        call, {"weight": torch.ones_like(w), "bias": torch.zeros_like(owner.module.get_parameter("bias"))}
+    )
+    if s.shape != delta.shape:
+        return None
+    d = _by_row(delta.float(), batch).reshape(batch, -1, w.shape[0])
+    return {"weight": (d * _by_row(s.float(), batch).reshape(batch, -1, w.shape[0])).sum(1), "bias": d.sum(1)}
+
+
+CHANNEL_FORMS: dict[str, Callable[[_Call, torch.Tensor, int], dict[str, torch.Tensor] | None]] = {
+    "scale": _scaled_output_grads,
+    "one_plus_scale": functools.partial(_scaled_output_grads, offset=1.0),
+    "scale_shift": _scale_shift_grads,
+}
+"""Faster exact forms of the per-channel shortcut, tried in order on a module's first call (kept if equal to vmap)."""
+_FROM_OUTPUT = ("scale", "one_plus_scale")  # the forms that read the call's output
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
