@@ -104,7 +104,8 @@ class DoubleShift(torch.nn.Module):
 
 
 class Norms(torch.nn.Module):
-    """Per-channel modules of each form; `write_into` makes the forward write into the first one's output."""
+    """Per-channel modules of each form; `write_into` makes the forward write into the first one's output, a zero
+    `gate` cuts every norm off from the loss."""
 
     def __init__(self, vocab: int = 9, d: int = 4):
         super().__init__()
@@ -116,13 +117,13 @@ class Norms(torch.nn.Module):
             self.layer_norm.weight.copy_(torch.linspace(0.5, 1.5, d))
             self.layer_norm.bias.copy_(torch.linspace(0.3, -0.3, d))
         self.head = torch.nn.Linear(d, vocab)
-        self.write_into = False
+        self.write_into, self.gate = False, 1.0
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
         h = self.scale(self.emb(input_ids))
         if self.write_into:
             h.mul_(2)
-        h = self.double_shift(self.layer_norm(self.one_plus(h)))
+        h = self.double_shift(self.layer_norm(self.one_plus(h))) * self.gate
         return SimpleNamespace(logits=self.head(torch.tanh(h)))
 
 
@@ -143,8 +144,12 @@ def test_per_channel_fast_forms_are_exact_and_step_aside_when_they_cannot_apply(
             for name, g in ref.items():
                 torch.testing.assert_close(grads[name][i], g, rtol=1e-5, atol=1e-7)
 
-    check()  # the first call compares the shortcuts with vmap
+    toy.gate = 0.0
+    check()  # every norm's gradient is zero: any shortcut would equal vmap, so none is decided yet
     norms = ("scale", "layer_norm", "one_plus", "double_shift")
+    assert all(owners[name].per_channel is None for name in norms)
+    toy.gate = 1.0
+    check()  # compares the shortcuts with vmap
     assert all(owners[name].per_channel for name in norms)
     assert [owners[name].channel_form for name in norms] == ["scale", "scale_shift", "one_plus_scale", ""]
     check()
