@@ -325,3 +325,16 @@ def test_engine_raises_when_a_per_sample_gradient_cannot_be_had(middle, extra, m
     with pytest.raises(PerSampleGradientError, match=message):
         PerSampleGradients(toy)(ids, torch.ones_like(ids), ids.clone())
     assert all(not m._forward_hooks for m in toy.modules())  # hooks removed even on error
+
+
+def test_a_module_that_mixes_rows_is_caught_after_a_first_batch_of_one_row():
+    """One row cannot show that a module mixes rows; the check waits for a batch that can."""
+    torch.manual_seed(0)
+    toy = _Toy(_mix)
+    toy.add_module("mix", _MixRows())
+    engine = PerSampleGradients(toy)
+    one = torch.randint(0, 7, (1, 5))
+    engine(one, torch.ones_like(one), one.clone())  # exact: a batch of one is the row alone
+    ids = torch.randint(0, 7, (3, 5))
+    with pytest.raises(PerSampleGradientError, match="mixes rows"):
+        engine(ids, torch.ones_like(ids), ids.clone())

@@ -36,7 +36,9 @@ silently come out wrong raises `PerSampleGradientError` instead:
   `module.weight` by its parent): that use is invisible to the hooks.
 
 The last two are properties of the model's structure, checked on an engine's first batch (each
-vmap module on its first call); the leading-dimension checks run on every batch.
+vmap module on its first call of two rows or more: one row cannot show mixing; a shortcut is
+likewise decided on such a call, with a gradient that is not all zero); the leading-dimension
+checks run on every batch.
 
 Each sample's loss is the mean cross-entropy over its label tokens (`!= -100`, after the usual
 shift), the loss a batch of one would have. Position ids counted over each row's real tokens are
@@ -559,8 +561,8 @@ def _module_grads(
         return fast if fast is not None else _per_channel_grads(call, delta, batch)
     if owner.per_channel is None:  # untried: each shortcut is kept only if it gives the vmap result
         exact = _vmap_grads(call, delta, batch, tokens)
-        if not any(bool(v.any()) for v in exact.values()):  # all zero: anything would equal it; decide later
-            return exact
+        if batch < 2 or not any(bool(v.any()) for v in exact.values()):  # one row cannot show mixing, and all
+            return exact  # zeros would equal anything: decide on a later call
         try:
             quick = _per_channel_grads(call, delta, batch)
         except (RuntimeError, TypeError, ValueError):  # a module the shortcut cannot even run on
@@ -753,11 +755,12 @@ def _vmap_grads(call: _Call, delta: torch.Tensor | tuple, batch: int, tokens: in
 
     rows = tuple(_by_row(leaves[i], batch) for i in slots)
     grads, outputs = torch.func.vmap(one)(rows, tuple(_by_row(g.detach(), batch) for g in cotangents))
-    if not owner.verified:  # a module that mixes rows does so in every batch: checked on its first
+    if not owner.verified:  # a module that mixes rows does so in every batch of two rows or more: checked on
+        # its first such batch (in a one-row batch there is nothing to mix)
         batched = (call.output,) if picked is None else tuple(call.output[j] for j in picked)
         for per_row, whole in zip(outputs, batched):
             _check_same_output(per_row, whole.detach(), owner)
-        owner.verified = True
+        owner.verified = batch > 1
     return {k.removeprefix("inner."): v.float() for k, v in grads.items()}
 
 
