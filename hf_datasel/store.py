@@ -223,6 +223,19 @@ class RunStore:
             raise broken_file(path, f"no {missing} arrays: written by another format", remedy_for(name))
         return arrays
 
+    def array_shapes(self, name: str) -> dict[str, tuple[int, ...]]:
+        """The shape of every array of record `name`, from the file's header alone (nothing else is read)."""
+        from safetensors import SafetensorError, safe_open
+
+        if not self.has(name):
+            raise StoreError(f"The store at {self.path} has no '{name}' record.")
+        path = self.array_path(name)
+        try:
+            with safe_open(str(path), "np") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as err:
+            raise broken_file(path, f"truncated or not safetensors: {err}", remedy_for(name)) from None
+
     # -- readers for the methods ------------------------------------------------------
     def final_losses(self) -> tuple[np.ndarray, np.ndarray]:
         """(row_id, loss): each row's latest loss, from the last sweep if any, else from training."""

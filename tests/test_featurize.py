@@ -254,6 +254,28 @@ def _count_batches(monkeypatch, fail_after: int | None = None) -> dict:
     return counter
 
 
+def test_cached_features_read_no_snapshot_weights(tmp_path, tokenizer, monkeypatch):
+    """A call whose features are complete names them from the snapshot file's header alone: for a large model,
+    reading weights and Adam moments would cost more than the features (every `selector.run` makes this call)."""
+    from hf_datasel.featurize import load_snapshot, snapshot_steps
+    from hf_datasel.featurize.snapshots import snapshot_param_shapes
+
+    pool = make_pool(12, seed=6)
+    store, _ = make_snapshot_store(tmp_path, tokenizer, pool, steps=(1, 2))
+    first = gradient_features(store, pool, k=64, batch_size=8, progress=False)
+    for step in snapshot_steps(store):
+        assert snapshot_param_shapes(store, step) == load_snapshot(store, step).param_shapes
+
+    def refused(*args, **kwargs):
+        raise AssertionError("snapshot weights read for cached features")
+
+    monkeypatch.setattr(features_module, "load_snapshot", refused)
+    again = gradient_features(store, pool, k=64, batch_size=8, progress=False)
+    assert [(f.path, f.weight) for f in again] == [(f.path, f.weight) for f in first]
+    with pytest.raises(AssertionError, match="snapshot weights read"):  # features still to compute do read them
+        gradient_features(store, pool, k=32, batch_size=8, progress=False)
+
+
 def test_interrupted_featurization_resumes_without_recomputing(tmp_path, tokenizer, monkeypatch):
     pool = make_pool(40, seed=6)
     store, _ = make_snapshot_store(tmp_path, tokenizer, pool, steps=(2,))

@@ -45,7 +45,15 @@ from ..record.snapshot import read_snapshot_index
 from ..store import RunStore, StoreError, atomic_path, broken_file, load_npy, read_json, write_json
 from .grads import PerSampleGradients, Scratch
 from .projector import SKETCH_KINDS, Projector, ProjectorKind, ProjectorSpec
-from .snapshots import Snapshot, assign_snapshot, load_model, load_snapshot, load_tokenizer, snapshot_steps
+from .snapshots import (
+    Snapshot,
+    assign_snapshot,
+    load_model,
+    load_snapshot,
+    load_tokenizer,
+    snapshot_param_shapes,
+    snapshot_steps,
+)
 
 Preconditioner = Literal["none", "adam", "adam_reference", "adam_factored"]
 PRECONDITIONERS = ("none", "adam", "adam_reference", "adam_factored")
@@ -778,11 +786,12 @@ def gradient_features(
     with plain_forward(model, keep_weights=snapshot_params) if model is not None else nullcontext():
         featurizer: Featurizer | None = None
         for step in steps:
-            snapshot = load_snapshot(store, step)
             kind_k = kind if k else "identity"
-            spec = ProjectorSpec.create(snapshot.param_shapes, k, seed=seed, kind=kind_k, dtype=dtype)
+            shapes = snapshot_param_shapes(store, step)  # the header only: cached features read no weights
+            spec = ProjectorSpec.create(shapes, k, seed=seed, kind=kind_k, dtype=dtype)
             folder = store.path / FEATURES_DIR / key / f"step-{step:06d}" / f"{preconditioner}-{spec.spec_id}"
             if not _is_complete(folder):
+                snapshot = load_snapshot(store, step)
                 if featurizer is None:
                     featurizer = Featurizer(load_model(store, model), spec, _device_for(model, device))
                 elif featurizer.spec != spec:

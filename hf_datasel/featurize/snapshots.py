@@ -11,7 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..record.snapshot import MODEL_FILE, SNAPSHOT_DIR, read_snapshot_index, snapshot_name
-from ..store import RunStore, StoreError, read_json
+from ..store import RunStore, StoreError, broken_file, read_json
 
 
 @dataclass
@@ -39,15 +39,31 @@ def snapshot_steps(store: RunStore) -> list[int]:
     return [e["step"] for e in read_snapshot_index(store)]
 
 
-def load_snapshot(store: RunStore, step: int) -> Snapshot:
-    """The snapshot at `step`; a clear `StoreError` when there is none."""
+def _entry(store: RunStore, step: int) -> dict[str, Any]:
     entries = {e["step"]: e for e in read_snapshot_index(store)}
     if step not in entries:
         raise StoreError(
             f"The store at {store.path} has no snapshot at step {step} (snapshots: {sorted(entries) or 'none'}). "
             "Record the run with SnapshotCallback."
         )
-    entry = entries[step]
+    return entries[step]
+
+
+def snapshot_param_shapes(store: RunStore, step: int) -> dict[str, tuple[int, ...]]:
+    """The trainable parameters' shapes at `step`, as `load_snapshot(...).param_shapes` gives them, from the
+    snapshot file's header alone: what naming its features takes, without reading weights and moments."""
+    entry = _entry(store, step)
+    shapes = store.array_shapes(snapshot_name(step))
+    missing = [n for n in entry["param_names"] if f"param::{n}" not in shapes]
+    if missing:
+        path = store.array_path(snapshot_name(step))
+        raise broken_file(path, f"no arrays for {missing[:3]}", "record the run again with SnapshotCallback")
+    return {n: shapes[f"param::{n}"] for n in entry["param_names"]}
+
+
+def load_snapshot(store: RunStore, step: int) -> Snapshot:
+    """The snapshot at `step`; a clear `StoreError` when there is none."""
+    entry = _entry(store, step)
     arrays = store.load_arrays(snapshot_name(step), as_torch=True)  # owned tensors: no second copy
     names = entry["param_names"]
     params = {n: arrays[f"param::{n}"] for n in names}
