@@ -632,8 +632,13 @@ def _per_channel_grads(call: _Call, delta: torch.Tensor, batch: int) -> dict[str
         if delta.shape[-1] != width or at_zero.shape != delta.shape:
             raise ValueError(f"{owner.name}: output {tuple(at_zero.shape)} is not per channel of {local}")
         slope = _forward_with(call, {**zeros, local: torch.ones_like(zeros[local])}).float() - at_zero.float()
-        out[local] = _by_row(delta.float() * slope, batch).reshape(batch, -1, width).sum(1)
+        out[local] = _channel_sums(delta.float() * slope, batch)
     return out
+
+
+def _channel_sums(per_token: torch.Tensor, batch: int) -> torch.Tensor:
+    """(B, channels): each row's sum over its tokens of a per-token, per-channel tensor (B or B·T leading)."""
+    return _by_row(per_token, batch).reshape(batch, -1, per_token.shape[-1]).sum(1)
 
 
 def _forward_with(call: _Call, params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -667,8 +672,7 @@ def _scaled_output_grads(
         return None
     if not bool(torch.all(torch.isfinite(w) & (w.abs() >= torch.finfo(y.dtype).tiny))):
         return None
-    dy = _by_row(delta.float() * y.float(), batch).reshape(batch, -1, w.shape[0]).sum(1)
-    return {local: dy.div_(w)}
+    return {local: _channel_sums(delta.float() * y.float(), batch).div_(w)}
 
 
 def _scale_shift_grads(call: _Call, delta: torch.Tensor, batch: int) -> dict[str, torch.Tensor] | None:
@@ -689,8 +693,8 @@ def _scale_shift_grads(call: _Call, delta: torch.Tensor, batch: int) -> dict[str
     )
     if s.shape != delta.shape:
         return None
-    d = _by_row(delta.float(), batch).reshape(batch, -1, w.shape[0])
-    return {"weight": (d * _by_row(s.float(), batch).reshape(batch, -1, w.shape[0])).sum(1), "bias": d.sum(1)}
+    d = delta.float()
+    return {"weight": _channel_sums(d * s.float(), batch), "bias": _channel_sums(d, batch)}
 
 
 CHANNEL_FORMS: dict[str, Callable[[_Call, torch.Tensor, int], dict[str, torch.Tensor] | None]] = {
