@@ -61,7 +61,8 @@ class RowProcessing:
             pad id masked), "default" (labels as the rows give them), or "custom:<class>" (pass
             `data_collator=` to rebuild it).
         pad_to_multiple_of: the collator's padding multiple.
-        formatting_func: the run used a `formatting_func` (it cannot be stored; map rows to text first).
+        formatting_func: the run used a `formatting_func` (a function is not stored: later passes over rows
+            the trainer did not see need the same function again, `formatting_func=`).
     """
 
     format: Literal["sft", "tokenized"] = "sft"
@@ -212,6 +213,7 @@ def prepare_rows(
     processing: RowProcessing | None = None,
     cache_dir: str | Path | None = None,
     trainer_rows: str | Path | None = None,
+    formatting_func: Callable[[dict], str] | None = None,
 ) -> Rows:
     """Per dataset row: `input_ids` and `labels` (-100 where the trainer puts no loss), as the trainer made them.
 
@@ -221,32 +223,37 @@ def prepare_rows(
     trained on (same content hash, same processing) are the trainer's own prepared rows; only the
     others are prepared. With `cache_dir`, prepared rows are kept there (safetensors), keyed by the
     dataset's fingerprint, the processing and the tokenizer, so a second pass skips tokenization.
+    `formatting_func`: the recorded run's own (SFTTrainer's `formatting_func`), when it used one.
     """
     processing = processing or RowProcessing()
     if len(dataset) == 0:
         raise ValueError("The dataset is empty; there is nothing to tokenize.")
+    if formatting_func is not None and not (processing.format == "sft" and processing.formatting_func):
+        raise ValueError(
+            "formatting_func= was passed, but the recorded run used none: its rows would not be the ones it trained on"
+        )
     if trainer_rows is not None and processing.format == "sft":
         known = _trainer_rows_for(dataset, Path(trainer_rows), processing)
         if known:
             rest = [i for i in range(len(dataset)) if i not in known]
             rows = [known.get(i) for i in range(len(dataset))]
             if rest:
-                prepared = prepare_rows(dataset.select(rest), tokenizer, processing, cache_dir)
+                prepared = prepare_rows(dataset.select(rest), tokenizer, processing, cache_dir, None, formatting_func)
                 for i, row in zip(rest, prepared):
                     rows[i] = row
             return _post_collator(rows, tokenizer, processing, only=known)
     if cache_dir is not None:
-        path = Path(cache_dir) / f"{_rows_key(dataset, tokenizer, processing)}.safetensors"
+        path = Path(cache_dir) / f"{_rows_key(dataset, tokenizer, processing, formatting_func)}.safetensors"
         rows = _load_rows(path, len(dataset))
         if rows is None:
-            rows = prepare_rows(dataset, tokenizer, processing)
+            rows = prepare_rows(dataset, tokenizer, processing, formatting_func=formatting_func)
             _save_rows(path, rows)
         return rows
     dataset = strip_row_columns(dataset)
     if processing.format == "tokenized":
         rows = _tokenized_rows(dataset, processing)
     else:
-        rows = _sft_rows(dataset, tokenizer, processing)
+        rows = _sft_rows(dataset, tokenizer, processing, formatting_func)
     return _post_collator(rows, tokenizer, processing)
 
 
@@ -260,10 +267,15 @@ def _post_collator(rows: Rows, tokenizer, processing: RowProcessing, only=None) 
     return rows
 
 
-def _rows_key(dataset: Dataset, tokenizer, processing: RowProcessing) -> str:
-    """What the prepared rows depend on: the rows (datasets' fingerprint), the processing, the tokenizer."""
+def _rows_key(dataset: Dataset, tokenizer, processing: RowProcessing, formatting_func=None) -> str:
+    """What the prepared rows depend on: the rows (datasets' fingerprint), the processing, the tokenizer
+    and the formatting function (hashed by its code, as `datasets` keys its own `map` caches)."""
+    from datasets.fingerprint import Hasher
+
     h = hashlib.blake2b(digest_size=10)
     h.update(json.dumps([dataset._fingerprint, len(dataset), dataset.column_names, processing.to_dict()]).encode())
+    if formatting_func is not None:
+        h.update(Hasher.hash(formatting_func).encode())
     if tokenizer is not None:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         vocabulary = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
@@ -323,16 +335,24 @@ def _tokenized_rows(dataset: Dataset, processing: RowProcessing) -> Rows:
     return [{"input_ids": list(i)[cut], "labels": list(lab)[cut]} for i, lab in zip(ids, labels)]
 
 
-def _sft_rows(dataset: Dataset, tokenizer, processing: RowProcessing) -> Rows:
+def _sft_rows(dataset: Dataset, tokenizer, processing: RowProcessing, formatting_func=None) -> Rows:
     from trl import SFTConfig, SFTTrainer
 
     columns = set(dataset.column_names)
     formats = ({"input_ids"}, {"messages"}, {"prompt", "completion"}, {processing.dataset_text_field})
-    if not any(f <= columns for f in formats):
-        hint = " The run used a formatting_func: map the rows to a text column first." * processing.formatting_func
+    if (
+        formatting_func is None
+        and processing.formatting_func
+        and not {"input_ids", processing.dataset_text_field} & columns
+    ):
+        raise ValueError(
+            "The recorded run made its rows with a formatting_func, which a store cannot keep: pass the same function "
+            "as formatting_func= for rows the trainer did not train on (or map them to a text column first)."
+        )
+    if formatting_func is None and not any(f <= columns for f in formats):
         raise ValueError(
             f"Rows need one of SFTTrainer's formats: '{processing.dataset_text_field}', 'prompt'+'completion' "
-            f"(plain or conversational), 'messages', or 'input_ids'; the dataset has {sorted(columns)}.{hint}"
+            f"(plain or conversational), 'messages', or 'input_ids'; the dataset has {sorted(columns)}."
         )
     completion_only = processing.completion_only_loss
     if completion_only is None:  # TRL's rule: decided by the dataset's own format
@@ -355,7 +375,9 @@ def _sft_rows(dataset: Dataset, tokenizer, processing: RowProcessing) -> Rows:
     )
     positioned = dataset.add_column(_POSITION, list(range(len(dataset))))
     with _no_progress_bars():
-        prepared = SFTTrainer._prepare_dataset(trainer_view, positioned, tokenizer, args, False, None, "datasel")
+        prepared = SFTTrainer._prepare_dataset(
+            trainer_view, positioned, tokenizer, args, False, formatting_func, "datasel"
+        )  # fmt: skip
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows: Rows = [{"input_ids": [pad], "labels": [IGNORE_INDEX]} for _ in range(len(dataset))]
     for position, ids, labels in zip(prepared[_POSITION], prepared["input_ids"], prepared["labels"]):

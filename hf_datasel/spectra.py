@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
@@ -662,7 +662,9 @@ def _row_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     return token_loss.sum(-1) / count.clamp(min=1), count
 
 
-def _prepared_rows(dataset: Dataset, tokenizer, max_length: int | None, store: RunStore | None) -> Rows:
+def _prepared_rows(
+    dataset: Dataset, tokenizer, max_length: int | None, store: RunStore | None, formatting_func
+) -> Rows:
     """The rows as the recorded trainer made them (its `RowProcessing` when `store` has one, else SFTTrainer's)."""
     processing = load_processing(store.path) if store is not None else RowProcessing()
     if max_length is not None:
@@ -671,7 +673,7 @@ def _prepared_rows(dataset: Dataset, tokenizer, max_length: int | None, store: R
         if "input_ids" not in dataset.column_names:
             raise ValueError("gradient_spectra needs tokenizer= for a dataset that is not tokenized yet")
         processing = processing.replace(format="tokenized", collator="trl")  # the rows' own ids and labels
-    return prepare_rows(dataset, tokenizer, processing)
+    return prepare_rows(dataset, tokenizer, processing, formatting_func=formatting_func)
 
 
 def gradient_spectra(
@@ -689,6 +691,7 @@ def gradient_spectra(
     keep_singular_values: bool = False,
     store: str | os.PathLike | RunStore | None = None,
     name: str = STORE_NAME,
+    formatting_func: Callable[[dict], str] | None = None,
     progress: bool = False,
 ) -> GradientSpectra:
     """Gradient spectra of every row of `dataset` on the chosen weight matrices of `model`.
@@ -704,12 +707,13 @@ def gradient_spectra(
     `projections=("q", "k", "v", "o")` measures the same four matrices on every family, fused q/k/v
     weights split into their blocks (see `find_targets`). The model comes back as it came: the
     passes run under `plain_forward` (eval mode, activation checkpointing off, both restored on
-    exit), no weight is written and no `.grad` is left behind.
+    exit), no weight is written and no `.grad` is left behind. `formatting_func`: the recorded run's own,
+    when it used one (with `store=`).
     """
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"gradient_spectra: dtype must be torch.float64 or torch.float32, not {dtype}")
     run_store = None if store is None else store if isinstance(store, RunStore) else RunStore.for_output_dir(store)
-    rows = _prepared_rows(dataset, tokenizer, max_length, run_store)
+    rows = _prepared_rows(dataset, tokenizer, max_length, run_store, formatting_func)
     pad_id = getattr(tokenizer, "pad_token_id", None)
     if pad_id is None:
         pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0

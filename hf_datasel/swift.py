@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -378,6 +378,7 @@ def swift_study(
     strategy_column: str = "strategy",
     model: torch.nn.Module | None = None,
     tokenizer=None,
+    formatting_func: Callable[[dict], str] | None = None,
     device: str | torch.device | None = None,
     progress: bool = False,
 ) -> SwiftReport:
@@ -397,12 +398,13 @@ def swift_study(
             see `aggregate_relinf`.
         batch_size, max_length: batching and truncation of the gradient passes (default: the recorded trainer's).
         model, tokenizer, device: overrides; by default rebuilt from the store.
+        formatting_func: the recorded run's `formatting_func`, when it used one.
 
     Gradients come from `hf_datasel.featurize.gradient_features` (plain, i.e. no preconditioner,
     stored as float32 and cached in the store), so a second study on the same rows is free.
     """
     store = out if isinstance(out, RunStore) else RunStore.for_output_dir(out)
-    check_study_columns(probes, evals, task_column, strategy_column)
+    check_study_columns(probes, evals, task_column, strategy_column, formatted=formatting_func is not None)
     common = dict(
         preconditioner="none",
         k=projection_dim,
@@ -413,6 +415,7 @@ def swift_study(
         max_length=max_length,
         model=model,
         tokenizer=tokenizer,
+        formatting_func=formatting_func,
         device=device,
         progress=progress,
     )
@@ -464,8 +467,11 @@ def load_rows(path: str | os.PathLike) -> Dataset:
     return readers[path.suffix](str(path))
 
 
-def check_study_columns(probes: Dataset, evals: Dataset, task_column: str, strategy_column: str) -> None:
-    """Probes need the example (prompt/completion or text), a task and a strategy; evals the example and a task."""
+def check_study_columns(
+    probes: Dataset, evals: Dataset, task_column: str, strategy_column: str, formatted: bool = False
+) -> None:
+    """Probes need the example (prompt/completion, messages or text, unless a formatting function makes it:
+    `formatted`), a task and a strategy; evals the example and a task."""
     for name, ds, needed in (
         ("probes", probes, (task_column, strategy_column)),
         ("evals", evals, (task_column,)),
@@ -476,9 +482,10 @@ def check_study_columns(probes: Dataset, evals: Dataset, task_column: str, strat
         missing = [c for c in needed if c not in columns]
         if missing:
             raise ValueError(f"The {name} dataset needs the column(s) {missing}; it has {sorted(columns)}.")
-        if not ({"prompt", "completion"} <= columns or "text" in columns):
+        if not (formatted or {"prompt", "completion"} <= columns or columns & {"text", "messages"}):
             raise ValueError(
-                f"The {name} dataset needs 'prompt' and 'completion' columns (or 'text'); it has {sorted(columns)}."
+                f"The {name} dataset needs 'prompt' and 'completion' columns (or 'messages', or 'text'); "
+                f"it has {sorted(columns)}."
             )
 
 

@@ -266,6 +266,8 @@ def test_study_column_errors(snapshot_run):
         swift_study(snapshot_run, probes=probes.remove_columns("strategy"), evals=evals)
     with pytest.raises(ValueError, match="task"):
         swift_study(snapshot_run, probes=probes, evals=evals.remove_columns("task"))
+    with pytest.raises(ValueError, match="'messages', or 'text'"):
+        swift_study(snapshot_run, probes=probes.remove_columns(["prompt", "completion"]), evals=evals)
 
 
 # -- the example and the command-line function ------------------------------------------------------

@@ -82,7 +82,7 @@ def _as(fmt: str, pool: Dataset, tok) -> Dataset:
     raise ValueError(fmt)
 
 
-def _sft_run(tmp_path, model, tok, train, compute_loss_func=None, **config):
+def _sft_run(tmp_path, model, tok, train, compute_loss_func=None, formatting_func=None, **config):
     kwargs = dict(
         output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=1, learning_rate=0.0,
         save_strategy="no", report_to=[], bf16=False, use_cpu=True, gradient_checkpointing=False,
@@ -91,7 +91,8 @@ def _sft_run(tmp_path, model, tok, train, compute_loss_func=None, **config):
     kwargs.update(config)
     trainer = SFTTrainer(
         model=model, args=SFTConfig(**kwargs), train_dataset=with_row_ids(train), processing_class=tok,
-        compute_loss_func=compute_loss_func, callbacks=[LossRecorderCallback(), SnapshotCallback(steps=[1])],
+        compute_loss_func=compute_loss_func, formatting_func=formatting_func,
+        callbacks=[LossRecorderCallback(), SnapshotCallback(steps=[1])],
     )  # fmt: skip
     trainer.train()
     return trainer
@@ -120,11 +121,11 @@ def trainer_gradients(trainer, names: list[str], plain_loss: bool = False) -> di
     return out
 
 
-def check_exact(trainer, raw: Dataset, plain_loss: bool = False, pass_model: bool = False) -> None:
+def check_exact(trainer, raw: Dataset, plain_loss: bool = False, pass_model: bool = False, **fmt) -> None:
     """Library gradients == the trainer's, row by row; with `pass_model`, featurize `trainer.model` in place."""
     store = RunStore.for_output_dir(trainer.args.output_dir)
     model = trainer.model if pass_model else None
-    (features,) = gradient_features(store, raw, k=None, dtype="float32", model=model, progress=False)
+    (features,) = gradient_features(store, raw, k=None, dtype="float32", model=model, progress=False, **fmt)
     reference = trainer_gradients(trainer, list(features.spec.param_names), plain_loss)
     dropped = set(range(len(raw))) - set(reference)  # rows SFTTrainer dropped (no label token left)
     ours = torch.from_numpy(features.raw())
@@ -135,13 +136,13 @@ def check_exact(trainer, raw: Dataset, plain_loss: bool = False, pass_model: boo
         assert cosine >= COSINE and relative <= RELATIVE, (row, cosine, relative)
     for row in dropped:  # the trainer never trained on it: no gradient, never a made-up one
         assert not np.isfinite(features.norms[row])
-    check_replay(trainer, raw)
+    check_replay(trainer, raw, **fmt)
 
 
-def check_replay(trainer, raw: Dataset) -> None:
+def check_replay(trainer, raw: Dataset, **fmt) -> None:
     """Rows prepared again from the raw dataset (as for targets and probes) == the trainer's own processed rows."""
     store = RunStore.for_output_dir(trainer.args.output_dir)
-    replay = prepare_rows(raw, trainer.processing_class, load_processing(store.path))  # no trainer rows: TRL again
+    replay = prepare_rows(raw, trainer.processing_class, load_processing(store.path), **fmt)  # not the trainer's rows
     own = trainer.train_dataset
     for row, ids in zip(own[ROW_ID], own["input_ids"]):
         assert replay[row]["input_ids"] == list(ids)
@@ -343,3 +344,71 @@ def test_training_rows_are_the_trainers_own(tmp_path, chat_tok, raw_pool, monkey
     prepared.clear()
     assert prepare_rows(raw, chat_tok, processing, trainer_rows=path) == prepare_rows(raw, chat_tok, processing)
     assert prepared == [len(raw), len(raw)]
+
+
+def _question_answer(example: dict) -> str:  # a user's formatting function, as older TRL scripts pass one
+    return f"Q: {example['question']} A: {example['answer']}"
+
+
+def _answer_question(example: dict) -> str:
+    return f"A: {example['answer']} Q: {example['question']}"
+
+
+def test_a_formatting_func_run_featurizes_with_the_same_function(tmp_path, chat_tok, raw_pool):
+    """A run made with `formatting_func`: its rows and gradients are the trainer's once the function is passed
+    again; rows the trainer never saw refuse to be guessed without it."""
+    as_qa = lambda pool: Dataset.from_list(  # noqa: E731
+        [{"question": r["prompt"], "answer": r["completion"], "task": r["task"]} for r in pool.to_list()]
+    )
+    raw, unseen = as_qa(raw_pool), as_qa(make_pool(6, noise=0.0, seed=9))
+    trainer = _sft_run(tmp_path, build_model(chat_tok, seed=1), chat_tok, raw, formatting_func=_question_answer)
+    check_exact(trainer, raw, formatting_func=_question_answer)  # (and the replay of every row with the function)
+
+    store = RunStore.for_output_dir(trainer.args.output_dir)
+    processing = load_processing(store.path)
+    assert processing.formatting_func
+    # rows the trainer never saw (targets): what an SFTTrainer with that function makes of them
+    reference = SFTTrainer(
+        model=trainer.model, args=trainer.args, train_dataset=with_row_ids(unseen), processing_class=chat_tok,
+        formatting_func=_question_answer,
+    ).train_dataset  # fmt: skip
+    rows = prepare_rows(unseen, chat_tok, processing, formatting_func=_question_answer)
+    assert [rows[r]["input_ids"] for r in reference[ROW_ID]] == [list(i) for i in reference["input_ids"]]
+    with pytest.raises(ValueError, match="formatting_func="):
+        prepare_rows(unseen, chat_tok, processing)
+    mapped = unseen.map(lambda r: {"text": _question_answer(r)})  # the other way: rows mapped to text first
+    assert prepare_rows(mapped, chat_tok, processing) == rows
+    # the row cache keys on the function: another function is never served the first one's rows
+    first = prepare_rows(unseen, chat_tok, processing, tmp_path / "cache", formatting_func=_question_answer)
+    other = prepare_rows(unseen, chat_tok, processing, tmp_path / "cache", formatting_func=_answer_question)
+    assert first == rows and other != rows
+    assert other == prepare_rows(unseen, chat_tok, processing, formatting_func=_answer_question)
+
+    selector = DataSelector.from_run(trainer.args.output_dir, dataset=raw)
+    subset = selector.select("less", budget=4, targets=unseen, k=64, formatting_func=_question_answer)
+    assert len(subset) == 4
+    assert selector.last.selection.params["formatting_func"].endswith("._question_answer")
+    with pytest.raises(ValueError, match="formatting_func="):
+        selector.select("less", budget=4, targets=unseen, k=64)
+    selector.select("g2is", budget=2, targets=unseen, k=64, formatting_func=_question_answer)
+    assert selector.last.selection.params["formatting_func"].endswith("._question_answer")
+
+    from hf_datasel import gradient_spectra, swift_study
+
+    common = dict(layers=[0], projections=("q",), store=store)
+    spectra = gradient_spectra(trainer.model, unseen, chat_tok, formatting_func=_question_answer, **common)
+    as_text = gradient_spectra(trainer.model, mapped, chat_tok, **common)
+    np.testing.assert_array_equal(spectra.num_tokens, as_text.num_tokens)
+    np.testing.assert_allclose(spectra.metrics["nuclear_norm"], as_text.metrics["nuclear_norm"], rtol=1e-6)
+    probes = unseen.add_column("strategy", ["direct", "other"] * 3)
+    report = swift_study(store, probes, unseen, formatting_func=_question_answer)
+    mapped_probes = probes.map(lambda r: {"text": _question_answer(r)})
+    np.testing.assert_array_equal(report.scores, swift_study(store, mapped_probes, mapped).scores)
+
+
+def test_formatting_func_for_a_run_without_one_is_refused(tmp_path, chat_tok, raw_pool):
+    raw = _as("text", raw_pool, chat_tok)
+    trainer = _sft_run(tmp_path, build_model(chat_tok, seed=1), chat_tok, raw)
+    store = RunStore.for_output_dir(trainer.args.output_dir)
+    with pytest.raises(ValueError, match="used none"):
+        gradient_features(store, raw, k=64, formatting_func=_question_answer, progress=False)

@@ -26,7 +26,7 @@ import hashlib
 import math
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -710,6 +710,7 @@ def gradient_features(
     model: torch.nn.Module | None = None,
     tokenizer=None,
     data_collator: Collator | None = None,
+    formatting_func: Callable[[dict], str] | None = None,
     device: str | torch.device | None = None,
     shard: tuple[int, int] | None = None,
     progress: bool = True,
@@ -748,6 +749,8 @@ def gradient_features(
             checkpointing), though it takes each snapshot's weights meanwhile. The cache does not key on
             it (its frozen weights must match the run).
         data_collator: the recorded run's collator, when it was one the store cannot rebuild (a custom one).
+        formatting_func: the recorded run's `formatting_func`, when it used one (a store cannot keep a function);
+            rows the trainer trained on need none, other rows (targets, probes) do.
         device: default the model's device when `model` is given, else CUDA when available, else CPU.
         shard: `(index, num_shards)` to compute one shard (for several processes); the call that
             finishes the last shard merges. Returns None while shards are missing.
@@ -774,7 +777,8 @@ def gradient_features(
     if max_length is not None:
         processing = processing.replace(max_length=max_length)
     rows = prepare_rows(
-        dataset, tokenizer, processing, cache_dir=store.path / FEATURES_DIR / "rows", trainer_rows=trainer_rows
+        dataset, tokenizer, processing, cache_dir=store.path / FEATURES_DIR / "rows", trainer_rows=trainer_rows,
+        formatting_func=formatting_func,
     )  # fmt: skip
     collate = make_collator(processing, tokenizer, data_collator)
     key = dataset_key(rows)

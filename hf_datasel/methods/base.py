@@ -93,6 +93,11 @@ class SelectionContext:
 
 
 # -- parameters ---------------------------------------------------------------------------
+def function_name(fn: Callable | None) -> str | None:
+    """How a function passed to a method is named in its parameters (and the card): module and qualified name."""
+    return None if fn is None else f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
 def method_parameters(fn: Callable[..., Selection]) -> dict[str, inspect.Parameter]:
     """The parameters a method takes after its `ctx`, by name."""
     return dict(list(inspect.signature(fn).parameters.items())[1:])

@@ -42,7 +42,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .base import Selection, SelectionContext
+from .base import Selection, SelectionContext, function_name
 
 CONFLICT_TOL = 1e-6
 """A cosine counts as a conflict only below `-CONFLICT_TOL`: float noise on orthogonal rows is no conflict."""
@@ -718,6 +718,7 @@ def select_g2is(
     max_length: int | None = None,
     model=None,
     tokenizer=None,
+    formatting_func: Callable[[dict], str] | None = None,
 ) -> Selection:
     """G2IS: per core-knowledge component, a conflict-free gradient walk over a cosine kNN graph.
 
@@ -746,8 +747,8 @@ def select_g2is(
             anchor and every re-anchor are the most aligned row that fits, whatever its sign.
             `orient_components=False, signed_consistency=False, conflict_across_components=False`
             reproduces the reference's walk.
-        k, projection_seed, projection, adam_form, steps, batch_size, max_length, model, tokenizer:
-            the gradient features, exactly as for LESS (cached in the store and shared with it).
+        k, projection_seed, projection, adam_form, steps, batch_size, max_length, model, tokenizer,
+        formatting_func: the gradient features, exactly as for LESS (cached in the store and shared with it).
 
     Several snapshots: rows are combined as `concat_t sqrt(w_t) · unit_t` with the featurizer's
     learning-rate weights `w_t`, so every inner product is LESS's LR-weighted cosine.
@@ -764,7 +765,7 @@ def select_g2is(
         targets,
         task_column,
         k=k, seed=projection_seed, kind=projection, adam_form=adam_form, steps=steps, batch_size=batch_size,
-        max_length=max_length, model=model, tokenizer=tokenizer,
+        max_length=max_length, model=model, tokenizer=tokenizer, formatting_func=formatting_func,
     )  # fmt: skip
     result = g2is_arrays(
         train,
@@ -811,6 +812,7 @@ def select_g2is(
             "steps": [snap["step"] for snap in feature_info["snapshots"]],
             "batch_size": batch_size,
             "max_length": max_length,
+            "formatting_func": function_name(formatting_func),
         },
         info=info,
     )

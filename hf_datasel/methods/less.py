@@ -12,14 +12,14 @@ rows likewise drop out of their task's mean.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
 from datasets import Dataset
 
 from ..featurize import FeatureSet, check_same_space, gradient_features
-from .base import Selection, SelectionContext
+from .base import Selection, SelectionContext, function_name
 
 
 def less_scores(
@@ -93,6 +93,7 @@ def select_less(
     max_length: int | None = None,
     model=None,
     tokenizer=None,
+    formatting_func: Callable[[dict], str] | None = None,
 ) -> Selection:
     """The `budget` training rows with the highest LESS score against `targets`.
 
@@ -108,6 +109,7 @@ def select_less(
         steps: snapshot steps to use (default: all snapshots of the run).
         batch_size, max_length: featurization batching and truncation (default: the recorded trainer's).
         model, tokenizer: overrides of the model/tokenizer rebuilt from the store.
+        formatting_func: the recorded run's `formatting_func`, when it used one (targets are prepared with it).
 
     Features are computed when missing and cached in the store, so a second call is cheap.
     """
@@ -124,6 +126,7 @@ def select_less(
         "max_length": max_length,
         "model": model,
         "tokenizer": tokenizer,
+        "formatting_func": formatting_func,
     }
     train = gradient_features(store, ctx.dataset, preconditioner=adam_form, **common)
     target = gradient_features(store, targets, preconditioner="none", **common)
@@ -153,6 +156,7 @@ def select_less(
             "steps": [t.step for t in train],
             "batch_size": batch_size,
             "max_length": max_length,
+            "formatting_func": function_name(formatting_func),
         },
         info=info,
     )
