@@ -11,7 +11,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_datasel.data import pad_batch, tokenize_rows
 from hf_datasel.featurize import Featurizer, PerSampleGradients, ProjectorSpec, Snapshot
+from hf_datasel.featurize import grads as engine_module
 from hf_datasel.featurize.grads import Scratch, _Call, _scaled_output_grads
+from hf_datasel.featurize.grads import _usable_scale as usable_scale
 from hf_datasel.synthetic import make_pool
 
 
@@ -127,7 +129,7 @@ class Norms(torch.nn.Module):
         return SimpleNamespace(logits=self.head(torch.tanh(h)))
 
 
-def test_per_channel_fast_forms_are_exact_and_step_aside_when_they_cannot_apply():
+def test_per_channel_fast_forms_are_exact_and_step_aside_when_they_cannot_apply(monkeypatch):
     """`dw = Σ δ ⊙ y / w` for a module whose weight scales its output (`/ (1 + w)` for Gemma's (1 + w) ⊙ h), one
     forward for a LayerNorm's `w ⊙ s + b`, the general shortcut for w ⊙ h + 2b (which the fast forms would get
     wrong), a weight with a zero entry and an output the model wrote into (which `y / w` would get wrong)."""
@@ -152,10 +154,19 @@ def test_per_channel_fast_forms_are_exact_and_step_aside_when_they_cannot_apply(
     check()  # compares the shortcuts with vmap
     assert all(owners[name].per_channel for name in norms)
     assert [owners[name].channel_form for name in norms] == ["scale", "scale_shift", "one_plus_scale", ""]
+    checks = []
+    monkeypatch.setattr(engine_module, "_usable_scale", lambda *args: checks.append(1) or usable_scale(*args))
     check()
+    assert checks == []  # these weights were checked in an earlier batch
+    with torch.no_grad():
+        toy.scale.weight.mul_(1.5)  # new weights (as a snapshot's are)
+    check()
+    check()
+    assert checks == [1]  # the scale is checked once for these weights (a host sync on CUDA), not every batch
     with torch.no_grad():
         toy.scale.weight[1] = 0.0
-    check()  # a zero weight: no y / w
+    check()  # a zero weight (a new version of it): no y / w
+    assert checks == [1, 1] and owners["scale"].scale_check[1] is False
     with torch.no_grad():
         toy.scale.weight[1] = 0.5
     toy.write_into = True

@@ -104,6 +104,7 @@ class _Owner:
     per_channel: bool | None = None  # 1-D parameters per output channel: None untried, True/False once compared
     channel_form: str | None = None  # per channel: its exact fast form (`CHANNEL_FORMS`), "" none, None untried
     verified: bool = False  # its rows, recomputed one at a time, gave the batched output once
+    scale_check: tuple = ()  # (weight identity and version, usable): a scale is checked once, not every batch
 
 
 @dataclass
@@ -667,12 +668,23 @@ def _scaled_output_grads(
     if len(owner.local_to_name) != 1 or not torch.is_tensor(y) or y._version != call.version:
         return None
     ((local, _),) = owner.local_to_name.items()
-    w = owner.module.get_parameter(local).detach().float() + offset
+    param = owner.module.get_parameter(local)
+    w = param.detach().float() + offset
     if y.shape != delta.shape or w.dim() != 1 or y.shape[-1] != w.shape[0]:
         return None
-    if not bool(torch.all(torch.isfinite(w) & (w.abs() >= torch.finfo(y.dtype).tiny))):
+    key = (param.data_ptr(), param._version, offset, y.dtype)  # new weights (a snapshot, a write): checked again
+    if owner.scale_check[:1] != (key,):
+        owner.scale_check = (key, _usable_scale(w, y.dtype))
+    if not owner.scale_check[1]:
         return None
     return {local: _channel_sums(delta.float() * y.float(), batch).div_(w)}
+
+
+def _usable_scale(w: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether `y / w` recovers `y`'s unscaled part: every entry finite and not zero or subnormal in `dtype`
+    (one device-to-host sync, so it is asked once per weight version, not once per batch: an in-place write bumps
+    the version, as `assign_snapshot`'s do; a write through `.data` does not)."""
+    return bool(torch.all(torch.isfinite(w) & (w.abs() >= torch.finfo(dtype).tiny)))
 
 
 def _scale_shift_grads(call: _Call, delta: torch.Tensor, batch: int) -> dict[str, torch.Tensor] | None:
