@@ -401,3 +401,56 @@ def test_column_pair_scatter_on_other_layouts_gives_the_sketch_of_exact_features
     expected = featurizer.projector.project_flat(exact.batch_features(batch)[0])
     error = (ours - expected).norm(dim=1) / expected.norm(dim=1)
     assert float(error.max()) <= 1e-5
+
+
+def test_label_positions_are_each_rows_predicting_positions_in_order():
+    from hf_datasel.featurize.grads import _label_positions
+
+    labels = torch.full((3, 8), -100)
+    labels[0, 5:7] = 1  # predicted at positions 4, 5
+    labels[1, 3:8] = 2  # at 2..6: the most, so K = 5
+    # row 2 has none: every one of its entries predicts no label
+    kept = _label_positions(labels)
+    assert kept[0, :2].tolist() == [4, 5] and kept[1].tolist() == [2, 3, 4, 5, 6]
+    shifted = labels[:, 1:]
+    assert (torch.take_along_dim(shifted, kept, 1) != -100).sum(1).tolist() == [2, 5, 0]
+    assert _label_positions(torch.ones(2, 8, dtype=torch.long)) is None  # every position: nothing to leave out
+    assert _label_positions(torch.full((2, 8), -100)) is None
+
+
+class IgnoresKeep(torch.nn.Module):
+    """A causal LM that takes `logits_to_keep` but computes every position's logits anyway."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None, logits_to_keep=0):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["llama", "ignores-logits_to_keep"])
+def test_the_lm_head_runs_only_where_a_label_is_predicted(wrapped):
+    """Completion-only rows: the LM head sees the positions that predict a label (fewer than the row's tokens), and
+    every per-sample gradient (the LM head's too) is still the one-row autograd gradient on full logits."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
+    llama = LlamaForCausalLM(config).eval()
+    model = IgnoresKeep(llama) if wrapped else llama
+    ids = torch.randint(1, 40, (3, 12))
+    labels = ids.clone()
+    labels[:, :8] = -100  # the prompt
+    labels[2, 8:10] = -100
+    seen = []
+    llama.lm_head.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    names = [n for n, _ in llama.named_parameters()]
+    engine = PerSampleGradients(model, [("inner." if wrapped else "") + n for n in names])
+    grads, loss, valid = engine(ids, torch.ones_like(ids), labels)
+    assert valid.all() and seen == ([12] if wrapped else [4])  # 4 = the most label tokens a row has
+    for i in range(3):
+        llama.zero_grad()
+        logits = llama(input_ids=ids[i : i + 1]).logits
+        torch.nn.functional.cross_entropy(logits[0, :-1], labels[i, 1:], ignore_index=-100).backward()
+        for n, p in llama.named_parameters():
+            torch.testing.assert_close(grads[("inner." if wrapped else "") + n][i], p.grad, rtol=1e-4, atol=1e-6)

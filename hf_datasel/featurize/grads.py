@@ -178,6 +178,7 @@ class PerSampleGradients:
         self._checkpointable = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
         self._wanted = {id(p) for p in self.params.values()}
         self._pass_positions = _forward_takes(model, "position_ids")
+        self._keep_logits = _forward_takes(model, "logits_to_keep")  # transformers' causal LMs take positions
         owners_of: dict[str, int] = {}
         for o in self.owners:
             for name in o.local_to_name.values():
@@ -327,8 +328,11 @@ class PerSampleGradients:
         try:
             with self._only_these_trainable(), torch.enable_grad():
                 extra = {"position_ids": _positions(attention_mask)} if self._pass_positions else {}
+                kept = _label_positions(labels.to(input_ids.device)) if self._keep_logits else None
+                if kept is not None:  # the LM head only where a label is predicted (memory: (B, K, V) logits)
+                    extra["logits_to_keep"] = kept
                 out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
-                loss, valid = _per_sample_loss(out.logits, labels)
+                loss, valid = _per_sample_loss(out.logits, labels, kept)
                 total = loss.masked_fill(~valid, 0.0).sum()
                 if not self._uses_checked:  # structural: the model's graph is the same for every batch
                     names = {id(p): n for n, p in self.params.items()}
@@ -430,12 +434,35 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def _per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    shift_logits = logits[:, :-1].float()
+def _label_positions(labels: torch.Tensor, most: float = 0.75) -> torch.Tensor | None:
+    """(B, K) positions whose logits predict a label token, each row's in order (K: the most any row has; a row
+    with fewer repeats positions that predict none), or None when they are more than `most` of the positions.
+
+    Logits elsewhere take no part in the loss, so computing the LM head only here changes nothing but its cost
+    (prompt tokens of completion-only rows, padding); `logits_to_keep` as a (B, K) tensor asks transformers for it.
+    """
+    predicts = labels[:, 1:] != IGNORE_INDEX  # position p predicts token p + 1
+    most_kept = int(predicts.sum(1).max()) if predicts.numel() else 0
+    if most_kept == 0 or most_kept > most * labels.shape[1]:
+        return None
+    order = torch.sort((~predicts).to(torch.uint8), dim=1, stable=True).indices  # predicting positions first
+    return order[:, :most_kept]
+
+
+def _per_sample_loss(
+    logits: torch.Tensor, labels: torch.Tensor, kept: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over each row's label tokens; `kept`: the logits are those of these positions only."""
     shift_labels = labels[:, 1:].to(logits.device)
+    if kept is None:
+        shift_logits = logits[:, :-1].float()
+    else:
+        if logits.shape[1] != kept.shape[1]:  # a forward that took `logits_to_keep` but gave every position
+            logits = torch.take_along_dim(logits, kept[..., None], dim=1)
+        shift_logits, shift_labels = logits.float(), torch.take_along_dim(shift_labels, kept, dim=1)
     token_loss = F.cross_entropy(
         shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX, reduction="none"
-    )  # (B, T-1), zero where ignored
+    )  # (B, T-1), or (B, K) at the kept positions; zero where ignored
     count = (shift_labels != IGNORE_INDEX).sum(-1)
     loss = token_loss.sum(-1) / count.clamp_min(1)
     valid = (count > 0) & torch.isfinite(loss).detach()
