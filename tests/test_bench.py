@@ -175,6 +175,17 @@ def test_perf_scoring_parts_on_small_inputs(tmp_path):
     assert result["parts"]["less_scoring"]["feature_files_mib"] == pytest.approx(2 * 2000 * 16 * 2 / 2**20)
 
 
+def test_perf_lm_head_part_compares_the_same_gradients(tmp_path):
+    config = PerfConfig(
+        lm_head_vocab=300, lm_head_tokens=16, lm_head_batch=2, lm_head_batches=1, lm_head_rounds=1,
+        device="cpu", workdir=str(tmp_path),
+    )  # fmt: skip
+    r = run_part("lm_head", config)
+    assert "error" not in r, r
+    assert r["max_relative_difference"] < 1e-4 and r["speedup"] > 0
+    assert r["settings"]["label_tokens"] == 4 and set(r["peak_extra_memory_mib"]) == set(r["ms_per_batch"])
+
+
 def test_perf_failed_part_is_reported_not_raised(tmp_path):
     bad = run_part("less_scoring", PerfConfig(rows=10, budget_share=5.0, dims=8, snapshots=1, workdir=str(tmp_path)))
     assert set(bad) == {"error"}

@@ -75,8 +75,8 @@ def perf(
     update: bool = typer.Option(False, help="Replace only the parts run now in an existing --out."),
     device: str = typer.Option(None, help="Featurize parts: cpu or cuda (default: CUDA when available)."),
 ) -> None:
-    """Recorder overhead, featurizer, spectra, S2L/LESS/G2IS at scale, and gradient features vs peers
-    (featurize-vs-peers), each as a ratio measured in one run."""
+    """Recorder overhead, featurizer (and its LM head at label positions: lm_head), spectra, S2L/LESS/G2IS at
+    scale, and gradient features vs peers (featurize-vs-peers), each as a ratio measured in one run."""
     from .perf import PARTS, PerfConfig, markdown_table, run_perf
 
     unknown = sorted(set(parts or ()) - set(PARTS))

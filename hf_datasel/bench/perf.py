@@ -16,6 +16,8 @@ Parts (each runs in its own child process, so its peak memory is its own):
 * `less_scoring` — LESS scores of `rows` memory-mapped fp16 features at several snapshots;
 * `g2is` — G2IS's PCA + lazy-kNN gradient walk on `rows` memory-mapped features
   (`hf_datasel.bench.g2is`);
+* `lm_head` — the gradient engine with the LM head only at the positions that predict a label vs at every
+  position (a tiny LoRA Llama with a 32k vocabulary, completion-only rows): an engine-only figure;
 * `featurize-vs-peers` — a training step, the library's engine and `gradient_features` (LoRA and
   full model, exact and projected, each preconditioner), bergson's `collect_gradients` when bergson
   is installed, and a batch-size-1 loop, interleaved in one process, with projection fidelity
@@ -44,7 +46,7 @@ import numpy as np
 from ..store import write_json
 
 PEERS = "featurize-vs-peers"
-PARTS = ("recorder", "featurize", "spectra", "s2l_kmeans", "less_scoring", "g2is", PEERS)
+PARTS = ("recorder", "featurize", "lm_head", "spectra", "s2l_kmeans", "less_scoring", "g2is", PEERS)
 
 
 @dataclass
@@ -62,6 +64,13 @@ class PerfConfig:
     featurize_rounds: int = 5
     featurize_k: int = 8192
     featurize_threads: int | None = 1
+    # lm_head (the engine's LM head at label positions vs every position)
+    lm_head_vocab: int = 32000
+    lm_head_tokens: int = 128
+    lm_head_completion_share: float = 0.25  # of each row's tokens: the completion (labels); the rest is prompt
+    lm_head_batch: int = 8
+    lm_head_batches: int = 4
+    lm_head_rounds: int = 3
     # spectra
     spectra_d: int = 512
     spectra_tokens: int = 128
@@ -186,6 +195,90 @@ def part_featurize(config: PerfConfig, workdir: Path) -> dict[str, Any]:
         "peak_extra_memory_mib": r.get("peak_extra_memory_mib"),
         "settings": {k: r.get(k) for k in ("model", "lora_rank", "trainable_params", "batch_size", "k", "rows")},
     }
+
+
+def part_lm_head(config: PerfConfig, workdir: Path) -> dict[str, Any]:
+    """`PerSampleGradients` with the LM head at label positions vs at every position, batch-interleaved, with the
+    gradients of the two compared and each one's peak extra memory (heap on CPU, allocated on CUDA)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ..featurize import PerSampleGradients
+
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(0)
+    vocab, batch, tokens = config.lm_head_vocab, config.lm_head_batch, config.lm_head_tokens
+    llama = LlamaConfig(
+        vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=4,
+    )  # fmt: skip
+    model = LlamaForCausalLM(llama).eval()
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])).to(device)
+    prompt = tokens - max(1, round(tokens * config.lm_head_completion_share))
+    batches = []
+    for _ in range(config.lm_head_batches):
+        ids = torch.randint(1, vocab, (batch, tokens))
+        labels = ids.clone()
+        labels[:, :prompt] = -100
+        batches.append(tuple(t.to(device) for t in (ids, torch.ones_like(ids), labels)))
+    engines = {
+        "label_positions": PerSampleGradients(model),
+        "every_position": PerSampleGradients(model, lm_head_at_labels=False),
+    }
+    grads = {name: engine(*batches[0])[0] for name, engine in engines.items()}
+    difference = max(
+        float((grads["label_positions"][n] - g).abs().max() / g.abs().max().clamp_min(1e-30))
+        for n, g in grads["every_position"].items()
+    )
+    del grads
+    memory = {}
+    for name, engine in engines.items():  # the smaller one first: freed heap is handed back in between
+        _release_heap()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            start = torch.cuda.memory_allocated(device)
+        with PeakMemory() as peak:
+            engine(*batches[0], consume=lambda name, g: None)
+        memory[name] = (
+            (torch.cuda.max_memory_allocated(device) - start) / 2**20 if device.type == "cuda" else peak.anon_mib
+        )
+    seconds = {name: 0.0 for name in engines}
+    for r in range(config.lm_head_rounds):
+        for i, b in enumerate(batches):
+            for name in list(engines)[:: 1 if (r + i) % 2 else -1]:
+                started = time.perf_counter()
+                engines[name](*b, consume=lambda name, g: None)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                seconds[name] += time.perf_counter() - started
+    calls = config.lm_head_rounds * len(batches)
+    return {
+        "ms_per_batch": {name: 1000 * t / calls for name, t in seconds.items()},
+        "speedup": seconds["every_position"] / seconds["label_positions"],
+        "peak_extra_memory_mib": memory,
+        "max_relative_difference": difference,
+        "settings": {
+            "vocab_size": vocab,
+            "batch_size": batch,
+            "tokens": tokens,
+            "label_tokens": tokens - prompt,
+            "model": "Llama hidden 128, 4 layers, LoRA r=8 on q/v",
+            "device": str(device),
+        },  # fmt: skip
+    }
+
+
+def _release_heap() -> None:
+    """Hand freed heap back to the OS (glibc), so the next block's peak is its own."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def part_spectra(config: PerfConfig, workdir: Path) -> dict[str, Any]:
@@ -341,6 +434,7 @@ def part_featurize_vs_peers(config: PerfConfig, workdir: Path) -> dict[str, Any]
 PART_FUNCTIONS = {
     "recorder": part_recorder,
     "featurize": part_featurize,
+    "lm_head": part_lm_head,
     "spectra": part_spectra,
     "s2l_kmeans": part_s2l_kmeans,
     "less_scoring": part_less_scoring,
@@ -373,7 +467,7 @@ def run_part(part: str, config: PerfConfig) -> dict[str, Any]:
         env = dict(os.environ)
         timeout = config.peers_timeout_s if part == PEERS else config.timeout_s
         threads = config.peers_threads if part == PEERS else config.featurize_threads
-        if part in ("featurize", PEERS) and threads == 1:
+        if part in ("featurize", "lm_head", PEERS) and threads == 1:
             # one thread from the start: no OpenMP pool exists when the bench forks to measure memory
             env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         # its own session, so a timeout ends the part's forked helpers too
@@ -446,6 +540,14 @@ def summary_line(part: str, r: dict[str, Any]) -> str:
             f"featurizer = {r['featurizer_vs_train_step']:.2f}× a training step, "
             f"{r['featurizer_vs_reference']:.1f}× the batch-size-1 reference"
         )
+    if part == "lm_head":
+        ms, mem, st = r["ms_per_batch"], r["peak_extra_memory_mib"], r["settings"]
+        return (
+            f"{r['speedup']:.2f}× faster ({ms['every_position']:.0f} → {ms['label_positions']:.0f} ms/batch), "
+            f"peak extra memory {mem['every_position']:.0f} → {mem['label_positions']:.0f} MiB "
+            f"({st['label_tokens']} of {st['tokens']} tokens labelled, vocabulary {st['vocab_size']:,}; "
+            f"same gradients to {r['max_relative_difference']:.0e})"
+        )
     if part == "spectra":
         return (
             f"factored vs full SVD: kernel {r['kernel_speedup_float32']:.1f}× (fp32), "
@@ -475,6 +577,7 @@ def markdown_table(result: dict[str, Any]) -> str:
     what = {
         "recorder": "training step with vs without LossRecorderCallback (demo proxy, batch 8)",
         "featurize": "per-sample gradient features vs training step vs batch-size-1 reference",
+        "lm_head": "the engine's LM head at the label positions vs at every position (engine only)",
         "spectra": "factored singular values vs forming G + full SVD",
         "s2l_kmeans": "S2L k-means + balanced sampling (memory-mapped trajectories)",
         "less_scoring": "LESS scores + top-k (memory-mapped fp16 features)",

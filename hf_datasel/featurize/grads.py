@@ -136,6 +136,10 @@ class PerSampleGradients:
     Args:
         model: a causal LM (plain transformers model or a PEFT model) returning `logits`.
         param_names: canonical names from `model.named_parameters()`; tied parameters appear once.
+        lm_head_at_labels: compute the LM head only at the positions that predict a label (prompt tokens and
+            padding need no vocabulary-sized logits: faster, far less memory), when the model's forward takes
+            transformers' `logits_to_keep`; False computes every position's logits, as the model's own loss
+            does. The gradients are the same.
 
     Calling the object on a padded batch (`input_ids`, `attention_mask`, `labels`) runs one
     forward and one backward and hands each parameter's (B, *shape) float32 gradient to
@@ -148,7 +152,7 @@ class PerSampleGradients:
     returns (`Featurizer` is). Blocks that are kept (the returned dict, tied weights) never are.
     """
 
-    def __init__(self, model: nn.Module, param_names: Sequence[str] | None = None):
+    def __init__(self, model: nn.Module, param_names: Sequence[str] | None = None, lm_head_at_labels: bool = True):
         self.model = model
         named = dict(model.named_parameters())
         if param_names is None:
@@ -178,7 +182,7 @@ class PerSampleGradients:
         self._checkpointable = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
         self._wanted = {id(p) for p in self.params.values()}
         self._pass_positions = _forward_takes(model, "position_ids")
-        self._keep_logits = _forward_takes(model, "logits_to_keep")  # transformers' causal LMs take positions
+        self._keep_logits = lm_head_at_labels and _forward_takes(model, "logits_to_keep")
         owners_of: dict[str, int] = {}
         for o in self.owners:
             for name in o.local_to_name.values():
