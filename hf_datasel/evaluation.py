@@ -16,7 +16,7 @@ from datasets import Dataset
 
 from .data import iter_batches, tokenize_rows
 from .metrics import load_exact_match
-from .record.per_sample_loss import per_sample_loss
+from .record.per_sample_loss import forward_at_labels, row_losses
 
 
 @torch.no_grad()
@@ -30,7 +30,8 @@ def per_row_loss(
     for positions, batch in iter_batches(rows, batch_size, tokenizer.pad_token_id):
         batch = {k: v.to(model.device) for k, v in batch.items()}
         labels = batch.pop("labels")
-        out[positions] = per_sample_loss(model(**batch), labels=labels).cpu().numpy()
+        outputs, kept = forward_at_labels(model, batch, labels)
+        out[positions] = row_losses(outputs.logits, labels, kept)[0].cpu().numpy()
     return out
 
 

@@ -8,6 +8,7 @@ train/eval mode, checkpointing flags and `requires_grad` flags, whatever happens
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -52,3 +53,9 @@ def plain_forward(model: nn.Module, keep_weights: Iterable[str] = ()) -> Iterato
             module.training = flag
         for p, flag in requires:
             p.requires_grad_(flag)
+
+
+def forward_takes(model: nn.Module, argument: str) -> bool:
+    """Whether the model's forward (a PEFT wrapper's base model's) names `argument` in its signature."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return argument in inspect.signature(inner.forward).parameters

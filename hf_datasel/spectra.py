@@ -31,14 +31,13 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from datasets import Dataset
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .data import RowProcessing, Rows, iter_batches, load_processing, prepare_rows
 from .model_state import plain_forward
-from .record.per_sample_loss import IGNORE_INDEX
+from .record.per_sample_loss import forward_at_labels, row_losses
 from .rows import ROW_COLUMNS, row_hashes
 from .store import RunStore, StoreError
 
@@ -649,19 +648,6 @@ class _Capture:
             h.remove()
 
 
-def _row_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy over each row's label tokens after the one-token shift, and the token counts."""
-    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
-    token_loss = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view(shift_labels.shape)
-    count = (shift_labels != IGNORE_INDEX).sum(-1)
-    return token_loss.sum(-1) / count.clamp(min=1), count
-
-
 def _prepared_rows(
     dataset: Dataset, tokenizer, max_length: int | None, store: RunStore | None, formatting_func
 ) -> Rows:
@@ -749,10 +735,9 @@ def gradient_spectra(
                 emb_out.clear()
                 capture.start(mask)
                 with torch.enable_grad():
-                    out = model(
-                        input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids, use_cache=False
-                    )
-                    row_loss, count = _row_losses(out.logits, batch["labels"])
+                    inputs = dict(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids)
+                    out, kept = forward_at_labels(model, inputs, batch["labels"], use_cache=False)
+                    row_loss, count = row_losses(out.logits, batch["labels"], kept)
                     total = row_loss[count > 0].sum()
                     if bool((count > 0).any()):
                         torch.autograd.grad(total, emb_out[-1])

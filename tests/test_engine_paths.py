@@ -404,18 +404,18 @@ def test_column_pair_scatter_on_other_layouts_gives_the_sketch_of_exact_features
 
 
 def test_label_positions_are_each_rows_predicting_positions_in_order():
-    from hf_datasel.featurize.grads import _label_positions
+    from hf_datasel.record.per_sample_loss import label_positions
 
     labels = torch.full((3, 8), -100)
     labels[0, 5:7] = 1  # predicted at positions 4, 5
     labels[1, 3:8] = 2  # at 2..6: the most, so K = 5
     # row 2 has none: every one of its entries predicts no label
-    kept = _label_positions(labels)
+    kept = label_positions(labels)
     assert kept[0, :2].tolist() == [4, 5] and kept[1].tolist() == [2, 3, 4, 5, 6]
     shifted = labels[:, 1:]
     assert (torch.take_along_dim(shifted, kept, 1) != -100).sum(1).tolist() == [2, 5, 0]
-    assert _label_positions(torch.ones(2, 8, dtype=torch.long)) is None  # every position: nothing to leave out
-    assert _label_positions(torch.full((2, 8), -100)) is None
+    assert label_positions(torch.ones(2, 8, dtype=torch.long)) is None  # every position: nothing to leave out
+    assert label_positions(torch.full((2, 8), -100)) is None
 
 
 class IgnoresKeep(torch.nn.Module):

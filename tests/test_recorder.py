@@ -198,6 +198,37 @@ def test_nan_loss_is_recorded_as_nan_not_a_number():
     assert loss[0].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def test_losses_at_label_positions_equal_those_of_every_position(tiny_model):
+    """Sweeps, evaluation and spectra ask the model for the logits of the label positions only (each row's own):
+    the same per-row losses as from every position's logits, and a model without `logits_to_keep` gets them all."""
+    from types import SimpleNamespace
+
+    from hf_datasel.record.per_sample_loss import forward_at_labels, per_sample_loss, row_losses
+
+    torch.manual_seed(0)
+    ids = torch.randint(1, tiny_model.config.vocab_size, (3, 10))
+    labels = ids.clone()
+    labels[:, :6] = -100
+    labels[1, 6:8] = -100
+    labels[2] = -100  # no label: NaN, never a number
+    tiny_model.eval()
+    with torch.no_grad():
+        outputs, kept = forward_at_labels(tiny_model, {"input_ids": ids}, labels)
+        assert kept is not None and outputs.logits.shape[1] == 4 < ids.shape[1]  # the most label tokens of a row
+        ours = row_losses(outputs.logits, labels, kept)[0]
+        full = per_sample_loss(tiny_model(input_ids=ids), labels=labels)
+    torch.testing.assert_close(ours[:2], full[:2], rtol=1e-5, atol=1e-6)
+    assert torch.isnan(ours[2]) and torch.isnan(full[2])
+
+    class Plain(torch.nn.Module):  # a forward without logits_to_keep
+        def forward(self, input_ids):
+            return SimpleNamespace(logits=tiny_model(input_ids=input_ids).logits)
+
+    with torch.no_grad():
+        outputs, kept = forward_at_labels(Plain(), {"input_ids": ids}, labels)
+    assert kept is None and outputs.logits.shape[1] == ids.shape[1]
+
+
 def test_sft_config_defaults_bf16_and_activation_checkpointing(tmp_path, tokenizer, tiny_model, pool):
     """SFTConfig's own defaults (bf16 autocast, gradient checkpointing) as a user's script would have them."""
     from trl import SFTConfig

@@ -50,19 +50,18 @@ whole batch is caught by the leading-dimension check above.
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from transformers.pytorch_utils import Conv1D
 
-from ..record.per_sample_loss import IGNORE_INDEX
+from ..model_state import forward_takes
+from ..record.per_sample_loss import label_positions, row_losses
 from .projector import _deterministic
 
 # Weight layouts of linear modules: y = x Wᵀ + b (nn.Linear) and y = x W + b (Conv1D).
@@ -181,8 +180,8 @@ class PerSampleGradients:
         self._all_params = list(model.parameters())
         self._checkpointable = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
         self._wanted = {id(p) for p in self.params.values()}
-        self._pass_positions = _forward_takes(model, "position_ids")
-        self._keep_logits = lm_head_at_labels and _forward_takes(model, "logits_to_keep")
+        self._pass_positions = forward_takes(model, "position_ids")
+        self._keep_logits = lm_head_at_labels and forward_takes(model, "logits_to_keep")
         owners_of: dict[str, int] = {}
         for o in self.owners:
             for name in o.local_to_name.values():
@@ -332,7 +331,7 @@ class PerSampleGradients:
         try:
             with self._only_these_trainable(), torch.enable_grad():
                 extra = {"position_ids": _positions(attention_mask)} if self._pass_positions else {}
-                kept = _label_positions(labels.to(input_ids.device)) if self._keep_logits else None
+                kept = label_positions(labels.to(input_ids.device)) if self._keep_logits else None
                 if kept is not None:  # the LM head only where a label is predicted (memory: (B, K, V) logits)
                     extra["logits_to_keep"] = kept
                 out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
@@ -423,12 +422,6 @@ def _own_parameters(module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
 
 
 # -- inputs and loss -----------------------------------------------------------------------
-def _forward_takes(model: nn.Module, argument: str) -> bool:
-    """Whether the model's forward (a PEFT wrapper's base model's) names `argument` in its signature."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return argument in inspect.signature(inner.forward).parameters
-
-
 def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, T) position ids counted over each row's real tokens: a row gets the positions it has alone.
 
@@ -438,39 +431,12 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def _label_positions(labels: torch.Tensor, most: float = 0.75) -> torch.Tensor | None:
-    """(B, K) positions whose logits predict a label token, each row's in order (K: the most any row has; a row
-    with fewer repeats positions that predict none), or None when they are more than `most` of the positions.
-
-    Logits elsewhere take no part in the loss, so computing the LM head only here changes nothing but its cost
-    (prompt tokens of completion-only rows, padding); `logits_to_keep` as a (B, K) tensor asks transformers for it.
-    """
-    predicts = labels[:, 1:] != IGNORE_INDEX  # position p predicts token p + 1
-    most_kept = int(predicts.sum(1).max()) if predicts.numel() else 0
-    if most_kept == 0 or most_kept > most * labels.shape[1]:
-        return None
-    order = torch.sort((~predicts).to(torch.uint8), dim=1, stable=True).indices  # predicting positions first
-    return order[:, :most_kept]
-
-
 def _per_sample_loss(
     logits: torch.Tensor, labels: torch.Tensor, kept: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy over each row's label tokens; `kept`: the logits are those of these positions only."""
-    shift_labels = labels[:, 1:].to(logits.device)
-    if kept is None:
-        shift_logits = logits[:, :-1].float()
-    else:
-        if logits.shape[1] != kept.shape[1]:  # a forward that took `logits_to_keep` but gave every position
-            logits = torch.take_along_dim(logits, kept[..., None], dim=1)
-        shift_logits, shift_labels = logits.float(), torch.take_along_dim(shift_labels, kept, dim=1)
-    token_loss = F.cross_entropy(
-        shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX, reduction="none"
-    )  # (B, T-1), or (B, K) at the kept positions; zero where ignored
-    count = (shift_labels != IGNORE_INDEX).sum(-1)
-    loss = token_loss.sum(-1) / count.clamp_min(1)
-    valid = (count > 0) & torch.isfinite(loss).detach()
-    return torch.where(count > 0, loss, torch.full_like(loss, float("nan"))), valid
+    """Each row's mean loss over its label tokens (NaN without any), and whether it has a defined gradient."""
+    loss, count = row_losses(logits, labels, kept)
+    return loss, (count > 0) & torch.isfinite(loss).detach()
 
 
 # -- rows: the leading dimension is B, or B·T for inputs flattened over batch and tokens ----

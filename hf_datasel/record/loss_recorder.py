@@ -13,7 +13,7 @@ from transformers import Trainer, TrainerCallback
 
 from ..rows import ROW_COUNT, ROW_HASH, ROW_ID
 from ..store import RunStore
-from .per_sample_loss import per_sample_loss
+from .per_sample_loss import forward_at_labels, per_sample_loss, row_losses
 from .trainer_hooks import (
     ROW_LABELS,
     calling_trainer,
@@ -188,9 +188,10 @@ class LossRecorderCallback(TrainerCallback):
                 row_ids = batch.pop(ROW_ID)
                 batch.pop(ROW_LABELS, None)
                 batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                outputs = model(**batch)
+                labels = batch.pop("labels", None)
+                outputs, kept = forward_at_labels(model, batch, labels)  # the LM head where a label is predicted
                 rows.append(row_ids.cpu())
-                losses.append(per_sample_loss(outputs, labels=batch.get("labels")).cpu())
+                losses.append(row_losses(outputs.logits, labels, kept)[0].cpu())
         finally:
             model.train(was_training)
         local = {"row_id": torch.cat(rows).numpy(), "loss": torch.cat(losses).numpy()}

@@ -25,19 +25,63 @@ def per_sample_loss(
             count = label_mask.sum(dim=-1)
         else:
             logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
-            if shift_labels is None:
-                if labels is None:
-                    raise ValueError("per_sample_loss needs `labels` (or `shift_labels`) next to plain logits.")
-                logits, shift_labels = logits[:, :-1], labels[:, 1:]
-            shift_labels = shift_labels.to(logits.device)
-            token_loss = F.cross_entropy(
-                logits.float().reshape(-1, logits.size(-1)),
-                shift_labels.reshape(-1),
-                ignore_index=IGNORE_INDEX,
-                reduction="none",
-            ).view(shift_labels.shape)
-            mask = shift_labels != IGNORE_INDEX
-            total = (token_loss * mask).sum(dim=-1)
-            count = mask.sum(dim=-1)
+            if shift_labels is None and labels is None:
+                raise ValueError("per_sample_loss needs `labels` (or `shift_labels`) next to plain logits.")
+            return row_losses(logits, labels, shift_labels=shift_labels)[0]
         loss = total / count.clamp(min=1)
         return torch.where(count > 0, loss, torch.full_like(loss, float("nan")))
+
+
+def label_positions(labels: torch.Tensor, most: float = 0.75) -> torch.Tensor | None:
+    """(B, K) positions whose logits predict a label token, each row's in order (K: the most any row has; a row
+    with fewer repeats positions that predict none), or None when they are more than `most` of the positions.
+
+    Logits elsewhere take no part in the loss, so computing the LM head only here changes nothing but its cost
+    (prompt tokens of completion-only rows, padding); `logits_to_keep` as a (B, K) tensor asks transformers for it.
+    """
+    predicts = labels[:, 1:] != IGNORE_INDEX  # position p predicts token p + 1
+    most_kept = int(predicts.sum(1).max()) if predicts.numel() else 0
+    if most_kept == 0 or most_kept > most * labels.shape[1]:
+        return None
+    order = torch.sort((~predicts).to(torch.uint8), dim=1, stable=True).indices  # predicting positions first
+    return order[:, :most_kept]
+
+
+def row_losses(
+    logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    kept: torch.Tensor | None = None,
+    shift_labels: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean cross-entropy over each row's label tokens, NaN for a row without any; each row's label-token count)
+    from plain logits: of every position, or of the positions `kept` (`label_positions`), or already aligned with
+    `shift_labels` (the labels shifted by one, as transformers' loss takes them)."""
+    if shift_labels is None:
+        shift_labels = labels[:, 1:].to(logits.device)
+        if kept is None:
+            logits = logits[:, :-1]
+        else:
+            if logits.shape[1] != kept.shape[1]:  # a forward that took `logits_to_keep` but gave every position
+                logits = torch.take_along_dim(logits, kept[..., None], dim=1)
+            shift_labels = torch.take_along_dim(shift_labels, kept, dim=1)
+    shift_labels = shift_labels.to(logits.device)
+    token_loss = F.cross_entropy(
+        logits.float().transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX, reduction="none"
+    )  # zero where ignored
+    count = (shift_labels != IGNORE_INDEX).sum(-1)
+    loss = token_loss.sum(-1) / count.clamp(min=1)
+    return torch.where(count > 0, loss, torch.full_like(loss, float("nan"))), count
+
+
+def forward_at_labels(model: torch.nn.Module, batch: dict, labels: torch.Tensor | None, **kwargs) -> tuple:
+    """`model(**batch)` with the LM head only where `labels` predict a token, when its forward takes
+    `logits_to_keep` (transformers' causal LMs); returns (outputs, kept positions or None for every position).
+
+    `batch` must not hold `labels` then (the model's own loss would not line up with the kept logits).
+    """
+    from ..model_state import forward_takes
+
+    kept = label_positions(labels) if labels is not None and forward_takes(model, "logits_to_keep") else None
+    if kept is None:
+        return model(**batch, **kwargs), None
+    return model(**batch, logits_to_keep=kept.to(labels.device), **kwargs), kept
