@@ -64,9 +64,13 @@ def test_cosine_errors_are_zero_for_the_same_features_and_scale_free():
 def test_peers_without_bergson(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "bergson", None)  # `import bergson` raises ImportError
     assert peers.bergson_version() is None
-    result = peers.run_peers(peers.PeersConfig(**TINY, models=("full",), workdir=str(tmp_path)))
+    result = peers.run_peers(peers.PeersConfig(**TINY, models=("full",), vocab_size=300, workdir=str(tmp_path)))
     assert result["bergson"] is None
     _check(result, with_bergson=False, models=("full",))
+    assert "vocabulary padded to 300" in peers.markdown_table(result)
+    hidden, layers, ffn = TINY["hidden_size"], TINY["num_hidden_layers"], TINY["intermediate_size"]
+    per_layer = 4 * hidden * hidden + 3 * hidden * ffn + 2 * hidden  # attention, MLP, two norms
+    assert result["variants"]["full"]["params"] == 300 * hidden + layers * per_layer + hidden  # tied embedding
 
 
 def test_peers_with_bergson(tmp_path):

@@ -95,6 +95,7 @@ class PeersConfig:
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     intermediate_size: int = 256
+    vocab_size: int | None = None  # None: the char tokenizer's (a few dozen); e.g. 32000 for a real LM head's cost
     train_steps: int = 4  # of the recorded run; its last step is the snapshot
     fidelity_rows: int = 128
     bergson_p: int = 16
@@ -249,6 +250,7 @@ def record_variant(name: str, config: PeersConfig, root: Path, device: torch.dev
         num_hidden_layers=config.num_hidden_layers,
         num_attention_heads=config.num_attention_heads,
         intermediate_size=config.intermediate_size,
+        vocab_size=config.vocab_size,
     )
     tok = build_tokenizer()
     base, tok = save_and_reload(build_model(tok, spec, seed=config.seed), tok, root / f"{name}-base")
@@ -685,6 +687,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     for m in result["methods"]:
         rows.setdefault(m["name"], {})[m["model"]] = m
     params = ", ".join(f"{n}: {result['variants'][n]['params']:,} trainable" for n in models)
+    if result["settings"].get("vocab_size"):
+        params += f", vocabulary padded to {result['settings']['vocab_size']:,}"
     lines = [
         f"Device: {result['device']} ({result['torch_threads']} torch thread(s)), torch {result['torch']}, "
         f"bergson {result['bergson'] or 'not installed'}; {params}; "
@@ -776,13 +780,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's choice)")
     parser.add_argument("--models", nargs="+", default=["lora", "full"], choices=["lora", "full"])
+    parser.add_argument("--vocab-size", type=int, default=None, help="pad the model's vocabulary (default: none)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--out", default="docs/bench/peers.json")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     config = PeersConfig(
         rows=args.rows, rounds=args.rounds, k=args.k, fidelity_rows=args.fidelity_rows, device=args.device,
-        threads=args.threads or None, models=tuple(args.models), memory=not args.no_memory,
+        threads=args.threads or None, models=tuple(args.models), memory=not args.no_memory, vocab_size=args.vocab_size,
     )  # fmt: skip
     result = run_peers(config, log=print)
     write_results(result, args.out)

@@ -72,6 +72,7 @@ class TinyLlamaSpec:
     num_attention_heads: int = 4
     intermediate_size: int = 128
     max_position_embeddings: int = 64
+    vocab_size: int | None = None  # None: the tokenizer's size; larger pads it (a real tokenizer's LM head)
 
 
 PROXY = TinyLlamaSpec()
@@ -81,7 +82,7 @@ LARGE = TinyLlamaSpec(hidden_size=128, num_hidden_layers=3, num_attention_heads=
 def build_model(tokenizer: PreTrainedTokenizerFast, spec: TinyLlamaSpec = PROXY, seed: int = 0) -> LlamaForCausalLM:
     """A randomly initialised tiny Llama sized for `tokenizer` (deterministic under `seed`)."""
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=max(spec.vocab_size or 0, len(tokenizer)),
         hidden_size=spec.hidden_size,
         num_hidden_layers=spec.num_hidden_layers,
         num_attention_heads=spec.num_attention_heads,
