@@ -454,3 +454,45 @@ def test_the_lm_head_runs_only_where_a_label_is_predicted(wrapped):
         torch.nn.functional.cross_entropy(logits[0, :-1], labels[i, 1:], ignore_index=-100).backward()
         for n, p in llama.named_parameters():
             torch.testing.assert_close(grads[("inner." if wrapped else "") + n][i], p.grad, rtol=1e-4, atol=1e-6)
+
+
+class OldStyleKeep(torch.nn.Module):
+    """`logits_to_keep` the way transformers 5.0 took it: `hidden[:, logits_to_keep]`, so a (B, K) tensor gives
+    every row every row's positions."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None, logits_to_keep=0):
+        hidden = self.inner.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return SimpleNamespace(logits=self.inner.lm_head(hidden[:, keep, :]))
+
+
+def test_per_row_logits_to_keep_only_where_transformers_slices_it(monkeypatch):
+    """A transformers without `slice_logits_to_keep` gets every position's logits; a forward that indexes with the
+    positions tensor the old way is refused with what to do, never read as per-row logits."""
+    import transformers.modeling_utils
+
+    from hf_datasel.record.per_sample_loss import forward_at_labels
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
+    llama = LlamaForCausalLM(config).eval()
+    ids = torch.randint(1, 40, (3, 12))
+    labels = ids.clone()
+    labels[:, :8] = -100
+    old = OldStyleKeep(llama)
+    with pytest.raises(ValueError, match="lm_head_at_labels=False"):
+        PerSampleGradients(old)(ids, torch.ones_like(ids), labels)
+    plain = PerSampleGradients(old, lm_head_at_labels=False)(ids, torch.ones_like(ids), labels)[0]
+    monkeypatch.delattr(transformers.modeling_utils, "slice_logits_to_keep")  # as in transformers 5.0
+    engine = PerSampleGradients(old)
+    assert not engine._keep_logits
+    for name, g in engine(ids, torch.ones_like(ids), labels)[0].items():
+        torch.testing.assert_close(g, plain[name], rtol=0, atol=0)
+    with torch.no_grad():
+        outputs, kept = forward_at_labels(llama, {"input_ids": ids}, labels)
+    assert kept is None and outputs.logits.shape[1] == 12

@@ -61,7 +61,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from transformers.pytorch_utils import Conv1D
 
 from ..model_state import forward_takes
-from ..record.per_sample_loss import label_positions, row_losses
+from ..record.per_sample_loss import keeps_label_logits, label_positions, row_losses
 from .projector import _deterministic
 
 # Weight layouts of linear modules: y = x Wᵀ + b (nn.Linear) and y = x W + b (Conv1D).
@@ -181,7 +181,7 @@ class PerSampleGradients:
         self._checkpointable = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
         self._wanted = {id(p) for p in self.params.values()}
         self._pass_positions = forward_takes(model, "position_ids")
-        self._keep_logits = lm_head_at_labels and forward_takes(model, "logits_to_keep")
+        self._keep_logits = lm_head_at_labels and keeps_label_logits(model)
         owners_of: dict[str, int] = {}
         for o in self.owners:
             for name in o.local_to_name.values():

@@ -61,8 +61,14 @@ def row_losses(
         if kept is None:
             logits = logits[:, :-1]
         else:
-            if logits.shape[1] != kept.shape[1]:  # a forward that took `logits_to_keep` but gave every position
+            if logits.shape[:2] == labels.shape:  # a forward that took `logits_to_keep` but gave every position
                 logits = torch.take_along_dim(logits, kept[..., None], dim=1)
+            elif logits.shape[:2] != kept.shape:
+                raise ValueError(
+                    f"the model gave logits of shape {tuple(logits.shape)} for logits_to_keep positions of shape "
+                    f"{tuple(kept.shape)}: its forward does not take per-row positions (PerSampleGradients: "
+                    "lm_head_at_labels=False)"
+                )
             shift_labels = torch.take_along_dim(shift_labels, kept, dim=1)
     shift_labels = shift_labels.to(logits.device)
     token_loss = F.cross_entropy(
@@ -73,15 +79,24 @@ def row_losses(
     return torch.where(count > 0, loss, torch.full_like(loss, float("nan"))), count
 
 
+def keeps_label_logits(model: torch.nn.Module) -> bool:
+    """Whether `model`'s forward takes per-row positions in `logits_to_keep`: it names the argument, and this
+    transformers slices with `slice_logits_to_keep` (older 5.x releases index with a 2-D tensor, which would give
+    every row every row's positions)."""
+    import transformers.modeling_utils
+
+    from ..model_state import forward_takes
+
+    return hasattr(transformers.modeling_utils, "slice_logits_to_keep") and forward_takes(model, "logits_to_keep")
+
+
 def forward_at_labels(model: torch.nn.Module, batch: dict, labels: torch.Tensor | None, **kwargs) -> tuple:
     """`model(**batch)` with the LM head only where `labels` predict a token, when its forward takes
     `logits_to_keep` (transformers' causal LMs); returns (outputs, kept positions or None for every position).
 
     `batch` must not hold `labels` then (the model's own loss would not line up with the kept logits).
     """
-    from ..model_state import forward_takes
-
-    kept = label_positions(labels) if labels is not None and forward_takes(model, "logits_to_keep") else None
+    kept = label_positions(labels) if labels is not None and keeps_label_logits(model) else None
     if kept is None:
         return model(**batch, **kwargs), None
     return model(**batch, logits_to_keep=kept.to(labels.device), **kwargs), kept
