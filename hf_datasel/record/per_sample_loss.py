@@ -21,15 +21,13 @@ def per_sample_loss(
         log_probs = getattr(outputs, "log_probs", None)
         label_mask = getattr(outputs, "label_mask", None)
         if log_probs is not None and label_mask is not None:
-            total = -(log_probs.float() * label_mask).sum(dim=-1)
             count = label_mask.sum(dim=-1)
-        else:
-            logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
-            if shift_labels is None and labels is None:
-                raise ValueError("per_sample_loss needs `labels` (or `shift_labels`) next to plain logits.")
-            return row_losses(logits, labels, shift_labels=shift_labels)[0]
-        loss = total / count.clamp(min=1)
-        return torch.where(count > 0, loss, torch.full_like(loss, float("nan")))
+            loss = -(log_probs.float() * label_mask).sum(dim=-1) / count.clamp(min=1)
+            return torch.where(count > 0, loss, torch.full_like(loss, float("nan")))
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
+        if shift_labels is None and labels is None:
+            raise ValueError("per_sample_loss needs `labels` (or `shift_labels`) next to plain logits.")
+        return row_losses(logits, labels, shift_labels=shift_labels)[0]
 
 
 def label_positions(labels: torch.Tensor, most: float = 0.75) -> torch.Tensor | None:
@@ -99,4 +97,4 @@ def forward_at_labels(model: torch.nn.Module, batch: dict, labels: torch.Tensor 
     kept = label_positions(labels) if labels is not None and keeps_label_logits(model) else None
     if kept is None:
         return model(**batch, **kwargs), None
-    return model(**batch, logits_to_keep=kept.to(labels.device), **kwargs), kept
+    return model(**batch, logits_to_keep=kept, **kwargs), kept
