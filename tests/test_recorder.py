@@ -198,6 +198,21 @@ def test_nan_loss_is_recorded_as_nan_not_a_number():
     assert loss[0].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def test_a_batch_without_labels_is_refused_with_what_to_use(tiny_model):
+    """Sweeps and evaluation read losses from plain logits: a batch without labels says so, not a shape error."""
+    from types import SimpleNamespace
+
+    from hf_datasel.record.per_sample_loss import forward_at_labels, per_sample_loss, row_losses
+
+    ids = torch.randint(1, tiny_model.config.vocab_size, (2, 6))
+    with torch.no_grad():
+        outputs, kept = forward_at_labels(tiny_model, {"input_ids": ids}, None)
+    assert kept is None
+    for call in (lambda: row_losses(outputs.logits, None), lambda: per_sample_loss(SimpleNamespace(logits=ids))):
+        with pytest.raises(ValueError, match="needs `labels`.*collator that makes them"):
+            call()
+
+
 def test_losses_at_label_positions_equal_those_of_every_position(tiny_model):
     """Sweeps, evaluation and spectra ask the model for the logits of the label positions only (each row's own):
     the same per-row losses as from every position's logits, and a model without `logits_to_keep` gets them all."""

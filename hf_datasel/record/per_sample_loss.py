@@ -25,8 +25,6 @@ def per_sample_loss(
             loss = -(log_probs.float() * label_mask).sum(dim=-1) / count.clamp(min=1)
             return torch.where(count > 0, loss, torch.full_like(loss, float("nan")))
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
-        if shift_labels is None and labels is None:
-            raise ValueError("per_sample_loss needs `labels` (or `shift_labels`) next to plain logits.")
         return row_losses(logits, labels, shift_labels=shift_labels)[0]
 
 
@@ -54,6 +52,11 @@ def row_losses(
     """(mean cross-entropy over each row's label tokens, NaN for a row without any; each row's label-token count)
     from plain logits: of every position, or of the positions `kept` (`label_positions`), or already aligned with
     `shift_labels` (the labels shifted by one, as transformers' loss takes them)."""
+    if labels is None and shift_labels is None:
+        raise ValueError(
+            "a per-sample loss needs `labels` (or `shift_labels`) next to plain logits: the batch has none "
+            "(use a collator that makes them, e.g. the trainer's DataCollatorForLanguageModeling)"
+        )
     if shift_labels is None:
         shift_labels = labels[:, 1:].to(logits.device)
         if kept is None:
