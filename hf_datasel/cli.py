@@ -101,6 +101,45 @@ def _parse_params(pairs: list[str]) -> dict[str, Any]:
     return params
 
 
+def _formatting_func(text: str | None):
+    """The recorded run's `formatting_func`, named `module:function` or `path/to/file.py:function`.
+
+    A store cannot keep a function, so rows the trainer never saw are formatted again with the same one; the
+    module is imported (its code runs) as `python -c "from module import function"` would, from this folder.
+    """
+    if not text:
+        return None
+    import importlib
+    import importlib.util
+
+    where, sep, name = text.rpartition(":")
+    if not sep or not where or not name.isidentifier():
+        raise ValueError(f"--formatting-func expects module:function or file.py:function, got {text!r}")
+    if where.endswith(".py"):
+        if not Path(where).is_file():
+            raise FileNotFoundError(f"--formatting-func: no file {where}")
+        spec = importlib.util.spec_from_file_location(f"_hf_datasel_formatting_{Path(where).stem}", where)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(where)
+        except ModuleNotFoundError as err:
+            raise ValueError(f"--formatting-func: cannot import {where!r} ({err})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"--formatting-func: {where} has no function {name!r}")
+    return fn
+
+
+FORMATTING_FUNC_HELP = (
+    "The recorded run's SFTTrainer formatting_func, as module:function or file.py:function "
+    "(needed when it used one: a store cannot keep a function)."
+)
+
+
 def _steps(text: str | None) -> list[int] | None:
     if not text:
         return None
@@ -219,6 +258,7 @@ def featurize(
     max_length: int = typer.Option(None, min=1, help="Truncation (default: the recorded trainer's own)."),
     split: str = typer.Option("train", help="Split, when the dataset has several."),
     shard: str = typer.Option(None, help="i/n: compute shard i of n (e.g. one per machine); the last one merges."),
+    formatting_func: str = typer.Option(None, help=FORMATTING_FUNC_HELP),
 ) -> None:
     """Per-sample gradient features of a dataset at every snapshot, cached in the run store."""
     with user_errors():
@@ -242,6 +282,7 @@ def featurize(
             max_length=max_length,
             shard=_shard(shard),
             progress=True,
+            formatting_func=_formatting_func(formatting_func),
         )
         if sets is None and shard is None:  # an unsharded call always finishes (or raises)
             raise StoreError(f"features of {dataset} were not merged; run the same command again")
@@ -289,6 +330,7 @@ def select(
         help="Select even when the dataset differs from the recorded one (changed or appended rows): "
         "those rows count as never recorded.",
     ),
+    formatting_func: str = typer.Option(None, help=FORMATTING_FUNC_HELP + " For less and g2is."),
 ) -> None:
     """Choose a subset of a raw dataset from a recorded run and write it with its dataset card."""
     from rich.console import Console
@@ -305,7 +347,7 @@ def select(
 
         RunStore.for_output_dir(run_dir).manifest  # noqa: B018 - no or a broken store: said before the slow imports
         from .methods import get_method
-        from .methods.base import required_parameters
+        from .methods.base import method_parameters, required_parameters
         from .selector import DataSelector, parse_budget
 
         count = parse_budget(budget)
@@ -319,6 +361,10 @@ def select(
         raw = _load(dataset, split)
         if targets is not None:
             params["targets"] = _load(targets, split)
+        if formatting_func is not None:
+            if "formatting_func" not in method_parameters(get_method(method)):
+                raise ValueError(f"method {method!r} takes no --formatting-func (it reads no rows' text)")
+            params["formatting_func"] = _formatting_func(formatting_func)
         selector = DataSelector.from_run(run_dir, dataset=raw, allow_unrecorded_rows=allow_unrecorded_rows)
         with console.status(f"selecting with {method}…"):
             subset = selector.select(method, budget=count, seed=seed, with_scores=with_scores, **params)
@@ -338,6 +384,7 @@ def swift(
     batch_size: int = typer.Option(16, min=1),
     task_column: str = typer.Option("task"),
     strategy_column: str = typer.Option("strategy"),
+    formatting_func: str = typer.Option(None, help=FORMATTING_FUNC_HELP),
 ) -> None:
     """Swift Study: RelInf of strategy probes on evaluation rows over training, as a table and a plot."""
     from rich.console import Console
@@ -356,6 +403,7 @@ def swift(
                 batch_size=batch_size,
                 task_column=task_column,
                 strategy_column=strategy_column,
+                formatting_func=_formatting_func(formatting_func),
             )
     for name, path in paths.items():
         typer.echo(f"{name}: {path}")
@@ -374,6 +422,7 @@ def spectral(
     batch_size: int = typer.Option(8, min=1),
     max_length: int = typer.Option(None, min=1, help="Truncation (default: the recorded trainer's own)."),
     split: str = typer.Option("train"),
+    formatting_func: str = typer.Option(None, help=FORMATTING_FUNC_HELP),
 ) -> None:
     """Layer-wise gradient spectra (nuclear norm, effective rank) of every row, with a report and a plot."""
     with user_errors():
@@ -397,6 +446,7 @@ def spectral(
             max_length=max_length,
             store=run_dir,
             progress=True,
+            formatting_func=_formatting_func(formatting_func),
         )
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -347,7 +347,8 @@ def _sft_rows(dataset: Dataset, tokenizer, processing: RowProcessing, formatting
     ):
         raise ValueError(
             "The recorded run made its rows with a formatting_func, which a store cannot keep: pass the same function "
-            "as formatting_func= for rows the trainer did not train on (or map them to a text column first)."
+            "as formatting_func= (hf-datasel: --formatting-func module:function) for rows the trainer did not train "
+            "on, or map them to a text column first."
         )
     if formatting_func is None and not any(f <= columns for f in formats):
         raise ValueError(

@@ -505,6 +505,7 @@ def run_swift_cli(
     task_column: str = "task",
     strategy_column: str = "strategy",
     print_summary: bool = True,
+    formatting_func: Callable[[dict], str] | None = None,
 ) -> dict[str, Path]:
     """`hf-datasel swift RUN_DIR PROBES EVALS OUT_DIR`: run a Swift Study and write its table, scores and plot.
 
@@ -512,7 +513,7 @@ def run_swift_cli(
     `out_dir`, prints the table (unless `print_summary=False`) and returns the paths (keys
     "csv", "json", "scores", "png"). `steps` picks snapshots (default all); `projection_dim`
     projects gradients (default exact); `near_zero`, `spread` and `band` as in `swift_study` /
-    `SwiftReport.plot`.
+    `SwiftReport.plot`; `formatting_func` as in `swift_study`.
     """
     report = swift_study(
         run_dir,
@@ -525,6 +526,7 @@ def run_swift_cli(
         batch_size=batch_size,
         task_column=task_column,
         strategy_column=strategy_column,
+        formatting_func=formatting_func,
     )
     paths = report.save(out_dir)
     paths["png"] = Path(out_dir) / "swift.png"

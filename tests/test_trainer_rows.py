@@ -406,6 +406,73 @@ def test_a_formatting_func_run_featurizes_with_the_same_function(tmp_path, chat_
     np.testing.assert_array_equal(report.scores, swift_study(store, mapped_probes, mapped).scores)
 
 
+def test_the_cli_takes_the_formatting_func_by_name(tmp_path, chat_tok, raw_pool, monkeypatch):
+    """`--formatting-func file.py:function` or `module:function`: the same rows and features as the function passed
+    in Python; without it, or for a method that reads no text, one `error:` line."""
+    from hf_datasel.featurize import FeatureSet
+    from hf_datasel.hub import load_local_dataset
+    from tests.test_cli import assert_user_error, invoke
+
+    as_qa = lambda pool: Dataset.from_list(  # noqa: E731
+        [{"question": r["prompt"], "answer": r["completion"]} for r in pool.to_list()]
+    )
+    raw, unseen = as_qa(raw_pool), as_qa(make_pool(6, noise=0.0, seed=9))
+    trainer = _sft_run(tmp_path, build_model(chat_tok, seed=1), chat_tok, raw, formatting_func=_question_answer)
+    run_dir, rows_file, raw_file = trainer.args.output_dir, tmp_path / "unseen.jsonl", tmp_path / "raw.jsonl"
+    unseen.to_json(rows_file)
+    raw.to_json(raw_file)
+    (tmp_path / "user_format.py").write_text(
+        "def question_answer(example):\n    return f\"Q: {example['question']} A: {example['answer']}\"\n"
+    )
+    monkeypatch.chdir(tmp_path)  # where a user runs the command, next to their script
+    by_file = ("--formatting-func", "user_format.py:question_answer")
+    result = invoke("featurize", run_dir, rows_file, "--k", "64", *by_file)
+    assert result.exit_code == 0, result.output
+    path = result.stdout.strip().splitlines()[-1].partition(": ")[2]
+    store = RunStore.for_output_dir(run_dir)
+    (ours,) = gradient_features(store, unseen, k=64, formatting_func=_question_answer, progress=False)
+    np.testing.assert_array_equal(FeatureSet.open(path).raw(), ours.raw())
+    assert_user_error(invoke("featurize", run_dir, rows_file, "--k", "64"), "--formatting-func")
+
+    chosen = tmp_path / "chosen"
+    by_module = ("--formatting-func", "user_format:question_answer")
+    args = ("select", run_dir, raw_file, "-m", "less", "-b", "3", "--targets", rows_file, "-p", "k=64", "-o", chosen)
+    result = invoke(*args, *by_module)
+    assert result.exit_code == 0, result.output
+    selector = DataSelector.from_run(run_dir, dataset=raw)
+    expected = selector.select("less", budget=3, targets=unseen, k=64, formatting_func=_question_answer)
+    assert sorted(load_local_dataset(str(chosen)).to_list(), key=str) == sorted(expected.to_list(), key=str)
+    for bad, fragment in (
+        ("user_format", "module:function"),
+        ("user_format:nothing", "no function 'nothing'"),
+        ("not_a_module_here:f", "cannot import"),
+        ("missing.py:f", "no file"),
+    ):
+        assert_user_error(invoke(*args[:-1], tmp_path / bad.replace(":", "_"), "--formatting-func", bad), fragment)
+    s2l = ("select", run_dir, raw_file, "-m", "random", "-b", "3", "-o", tmp_path / "r", *by_module)
+    assert_user_error(invoke(*s2l), "takes no --formatting-func")
+
+    from hf_datasel import gradient_spectra, swift_study
+
+    probes = unseen.add_column("strategy", ["direct", "other"] * 3).add_column("task", ["t"] * 6)
+    probes.to_json(tmp_path / "probes.jsonl")
+    probes.to_json(tmp_path / "evals.jsonl")
+    result = invoke("swift", run_dir, tmp_path / "probes.jsonl", tmp_path / "evals.jsonl", tmp_path / "sw", *by_module)
+    assert result.exit_code == 0, result.output
+    report = swift_study(store, probes, probes, formatting_func=_question_answer)
+    np.testing.assert_array_equal(np.load(tmp_path / "sw" / "swift_scores.npz")["scores"], report.scores)
+
+    trainer.save_model(tmp_path / "model")
+    chat_tok.save_pretrained(tmp_path / "model")
+    spectral = ("spectral", tmp_path / "model", rows_file, tmp_path / "sp", "--run-dir", run_dir, "--layers", "0")
+    result = invoke(*spectral, "--projections", "q", *by_module)
+    assert result.exit_code == 0, result.output
+    spectra = gradient_spectra(trainer.model, unseen, chat_tok, layers=[0], projections=("q",), store=store,
+                               formatting_func=_question_answer)  # fmt: skip
+    spectra.report().to_csv(tmp_path / "direct.csv")
+    assert (tmp_path / "sp" / "spectra_layers.csv").read_text() == (tmp_path / "direct.csv").read_text()
+
+
 def test_formatting_func_for_a_run_without_one_is_refused(tmp_path, chat_tok, raw_pool):
     raw = _as("text", raw_pool, chat_tok)
     trainer = _sft_run(tmp_path, build_model(chat_tok, seed=1), chat_tok, raw)
