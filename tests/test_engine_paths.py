@@ -349,6 +349,29 @@ def test_output_gradients_are_handled_inside_the_backward_pass(tokenizer):
             torch.testing.assert_close(grads[name][i], g, rtol=1e-5, atol=1e-7)
 
 
+def test_a_forward_that_fails_for_its_own_reasons_keeps_the_taps(tokenizer):
+    """Only a forward that fails with the taps and runs without them turns them off; any other error is the model's
+    own, raised as it is."""
+    from hf_datasel.synthetic import build_model
+
+    model = build_model(tokenizer, seed=0).eval()
+    batch = pad_batch(tokenize_rows(make_pool(2, seed=2), tokenizer, 64), tokenizer.pad_token_id)
+    engine = PerSampleGradients(model)
+    calls = []
+
+    def broken(module, args, output):
+        calls.append(1)
+        raise RuntimeError("the model's own failure")
+
+    hook = model.model.layers[0].register_forward_hook(broken)
+    with pytest.raises(RuntimeError, match="the model's own failure"):
+        engine(**batch)
+    hook.remove()
+    assert engine._tap is True and len(calls) == 2  # tried once more without the taps
+    engine(**batch)
+    assert engine._tap is True
+
+
 def test_a_write_into_one_output_of_a_tuple_leaves_its_gradient_exact():
     """A module with two outputs (as an MoE router has) whose first the model scales in place afterwards."""
 

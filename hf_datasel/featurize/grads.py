@@ -328,6 +328,7 @@ class PerSampleGradients:
                     emit(name, acc.pop(name))
 
         hooks = [o.module.register_forward_hook(capture(o), with_kwargs=True) for o in self.owners]
+        forwarded, refused = False, None
         try:
             with self._only_these_trainable(), torch.enable_grad():
                 extra = {"position_ids": _positions(attention_mask)} if self._pass_positions else {}
@@ -335,6 +336,7 @@ class PerSampleGradients:
                 if kept is not None:  # the LM head only where a label is predicted (memory: (B, K, V) logits)
                     extra["logits_to_keep"] = kept
                 out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+                forwarded = True
                 loss, valid = _per_sample_loss(out.logits, labels, kept)
                 total = loss.masked_fill(~valid, 0.0).sum()
                 if not self._uses_checked:  # structural: the model's graph is the same for every batch
@@ -368,14 +370,20 @@ class PerSampleGradients:
                     for i in late:
                         process(i, by_call[i][0] if torch.is_tensor(calls[i].output) else tuple(by_call[i]))
         except RuntimeError as err:
-            if anchor is None or "is a view and is being modified inplace" not in str(err):
+            # Autograd refuses a write in place into a tap's output (Falcon's decoder adds into its Linear's output)
+            if anchor is None or forwarded or isinstance(err, (PerSampleGradientError, torch.OutOfMemoryError)):
                 raise
-            self._tap = False  # the model writes into a module's output: ask autograd for every δ at once
+            refused = err
         finally:
             for h in hooks:
                 h.remove()
-        if not self._tap and anchor is not None:  # the forward refused the taps: run it again without them
-            return self(input_ids, attention_mask, labels, consume, consume_factors, consume_rows, weight_scales)
+        if refused is not None:  # the forward failed with the taps only: without them, autograd gives every δ at once
+            self._tap = False
+            try:
+                return self(input_ids, attention_mask, labels, consume, consume_factors, consume_rows, weight_scales)
+            except BaseException:
+                self._tap = True  # it fails without the taps too: the taps were not the cause
+                raise
         for i, finished in enumerate(done):  # outputs that never reached the loss (or no valid row)
             if not finished:
                 process(i, None)
