@@ -243,10 +243,13 @@ def test_every_family_featurizes_what_was_trained(tmp_path, chat_tok, raw_pool, 
     check_selections(trainer, raw, raw.select(range(2)), pass_model=lora)
 
 
-def test_trl_defaults_and_a_passed_model_comes_back_as_it_went_in(tmp_path, chat_tok, raw_pool):
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_trl_defaults_and_a_passed_model_comes_back_as_it_went_in(tmp_path, chat_tok, raw_pool, lora):
     """TRL's own defaults (bf16 autocast, activation checkpointing, lr 2e-5) record; `model=` is handed back intact."""
     raw = _as("prompt_completion", raw_pool, chat_tok)
-    model = get_peft_model(build_model(chat_tok, seed=1), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model = build_model(chat_tok, seed=1)
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     args = SFTConfig(
         output_dir=str(tmp_path / "run"), use_cpu=True, per_device_train_batch_size=4, max_steps=2,
         save_strategy="no", report_to=[], disable_tqdm=True,
@@ -254,15 +257,20 @@ def test_trl_defaults_and_a_passed_model_comes_back_as_it_went_in(tmp_path, chat
     assert args.bf16 and args.gradient_checkpointing  # the defaults this test is about
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=with_row_ids(raw), processing_class=chat_tok,
-        callbacks=[LossRecorderCallback(), SnapshotCallback(steps=[1])],  # snapshot weights != final weights
+        callbacks=[LossRecorderCallback(), SnapshotCallback(steps=[1, 2])],  # step 1's weights != final weights
     )  # fmt: skip
     trainer.train()
-    assert np.isfinite(RunStore.for_output_dir(args.output_dir).load_arrays(RunStore.LOSSES)["loss"]).all()
+    store = RunStore.for_output_dir(args.output_dir)
+    assert np.isfinite(store.load_arrays(RunStore.LOSSES)["loss"]).all()
+
     model = trainer.model
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     modes = [m.training for m in model.modules()]
-    checkpointing = model.get_base_model().is_activation_checkpointing
+    forward = model.forward  # accelerate's bf16 autocast around the model's own
+    assert "_original_forward" in model.__dict__
+    base = model.get_base_model() if lora else model
+    checkpointing = base.is_activation_checkpointing
     assert checkpointing
     selector = DataSelector.from_run(args.output_dir, dataset=raw)
     subset = selector.select("less", budget=3, targets=raw.select(range(2)), k=64, model=model)
@@ -270,7 +278,24 @@ def test_trl_defaults_and_a_passed_model_comes_back_as_it_went_in(tmp_path, chat
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # bitwise: snapshot weights were put back
     assert [m.training for m in model.modules()] == modes
-    assert model.get_base_model().is_activation_checkpointing == checkpointing
+    assert base.is_activation_checkpointing == checkpointing
+    assert model.forward == forward
+
+    # through the model passed in as through one loaded from the store, the features at the last snapshot (the final
+    # weights) are the fp32 gradients of the trainer's rows and loss, not those of its bf16 autocast
+    (features,) = gradient_features(store, raw, k=None, steps=[2], model=trainer.model, progress=False)
+    from accelerate.utils import extract_model_from_parallel
+
+    from hf_datasel import gradient_spectra
+
+    spectra = lambda: gradient_spectra(trainer.model, raw, chat_tok, layers=[0], store=store).metrics  # noqa: E731
+    through_wrapped = spectra()
+    extract_model_from_parallel(trainer.model, keep_fp32_wrapper=False)  # the plain forward again: no autocast
+    for name, values in spectra().items():
+        np.testing.assert_allclose(through_wrapped[name], values, rtol=1e-6, err_msg=name)
+    for row, ref in trainer_gradients(trainer, list(features.spec.param_names), plain_loss=True).items():
+        g = torch.from_numpy(features.raw()[row])
+        assert float(g @ ref / (g.norm() * ref.norm())) >= COSINE and float((g - ref).norm() / ref.norm()) <= RELATIVE
 
 
 def test_spectra_with_a_store_see_the_trainers_rows(tmp_path, chat_tok, raw_pool):
