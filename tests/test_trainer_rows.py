@@ -298,6 +298,41 @@ def test_trl_defaults_and_a_passed_model_comes_back_as_it_went_in(tmp_path, chat
         assert float(g @ ref / (g.norm() * ref.norm())) >= COSINE and float((g - ref).norm() / ref.norm()) <= RELATIVE
 
 
+def test_a_bf16_model_passed_in_keeps_its_features_apart(tmp_path, chat_tok, raw_pool):
+    """SFTTrainer loading a Hub-style bf16 checkpoint trains bf16 weights (LoRA adapters in fp32): through that model
+    the features are the model's own precision, cached apart from the store's fp32 ones and never mixed with them."""
+    from hf_datasel.featurize import SpecMismatchError, check_same_space
+    from hf_datasel.synthetic import save_and_reload
+
+    raw = _as("prompt_completion", raw_pool, chat_tok)
+    save_and_reload(build_model(chat_tok, seed=1), chat_tok, tmp_path / "base")
+    args = SFTConfig(
+        output_dir=str(tmp_path / "run"), use_cpu=True, per_device_train_batch_size=4, max_steps=1, learning_rate=0.0,
+        save_strategy="no", report_to=[], disable_tqdm=True, model_init_kwargs={"dtype": torch.bfloat16},
+    )  # fmt: skip
+    trainer = SFTTrainer(
+        model=str(tmp_path / "base"), args=args, train_dataset=with_row_ids(raw), processing_class=chat_tok,
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), callbacks=[SnapshotCallback(steps=[1])],
+    )  # fmt: skip
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.bfloat16, torch.float32}
+    trainer.train()
+    store = RunStore.for_output_dir(args.output_dir)
+    common = dict(k=None, dtype="float32", preconditioner="adam", progress=False)
+    (passed,) = gradient_features(store, raw, model=trainer.model, **common)
+    (stored,) = gradient_features(store, raw, **common)  # the store's model, loaded in fp32: not the cached bf16 set
+    assert passed.meta["compute_dtype"] == "bfloat16" and stored.meta["compute_dtype"] == "float32"
+    assert passed.path != stored.path and passed.path.name == f"{stored.path.name}-bfloat16"
+    a, b = stored.raw(), passed.raw()
+    assert not np.array_equal(a, b)
+    assert (np.einsum("ij,ij->i", a, b) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min() > 0.99
+    with pytest.raises(SpecMismatchError, match="bfloat16.*float32|float32.*bfloat16"):
+        check_same_space(passed, stored)
+    subset = DataSelector.from_run(args.output_dir, dataset=raw).select(
+        "less", budget=3, targets=raw.select(range(2)), k=64, model=trainer.model
+    )
+    assert len(subset) == 3
+
+
 def test_spectra_with_a_store_see_the_trainers_rows(tmp_path, chat_tok, raw_pool):
     """gradient_spectra(..., store=run) on raw `messages` rows == on the trainer's own processed rows."""
     from hf_datasel import gradient_spectra

@@ -44,7 +44,7 @@ from ..model_state import checkpointing_off, plain_forward
 from ..record.snapshot import read_snapshot_index
 from ..store import RunStore, StoreError, atomic_path, broken_file, load_npy, read_json, write_json
 from .grads import PerSampleGradients, Scratch
-from .projector import SKETCH_KINDS, Projector, ProjectorKind, ProjectorSpec
+from .projector import SKETCH_KINDS, Projector, ProjectorKind, ProjectorSpec, SpecMismatchError
 from .snapshots import (
     Snapshot,
     assign_snapshot,
@@ -747,7 +747,8 @@ def gradient_features(
         model, tokenizer: overrides; by default both are rebuilt from the store with `from_pretrained`.
             A model passed in is handed back as it came (weights, train/eval mode, activation
             checkpointing), though it takes each snapshot's weights meanwhile. The cache does not key on
-            it (its frozen weights must match the run).
+            it (its frozen weights must match the run), only on its precision (`compute_dtype`): a model with
+            bf16 weights computes in bf16, and those features are kept apart from the store model's fp32 ones.
         data_collator: the recorded run's collator, when it was one the store cannot rebuild (a custom one).
         formatting_func: the recorded run's `formatting_func`, when it used one (a store cannot keep a function);
             rows the trainer trained on need none, other rows (targets, probes) do.
@@ -786,14 +787,17 @@ def gradient_features(
     results: list[FeatureSet] = []
     finished = True
     snapshot_params = {n for e in read_snapshot_index(store) for n in e["param_names"]}
-    # a model passed in takes snapshot weights while we work; it comes back exactly as it was
+    # a model passed in takes snapshot weights while we work; it comes back exactly as it was. One whose weights
+    # are not all fp32 (a bf16 base) computes in its own precision: those features are kept apart
+    precision = compute_dtype(model)
+    tag = "" if precision == "float32" else f"-{precision}"
     with plain_forward(model, keep_weights=snapshot_params) if model is not None else nullcontext():
         featurizer: Featurizer | None = None
         for step in steps:
             kind_k = kind if k else "identity"
             shapes = snapshot_param_shapes(store, step)  # the header only: cached features read no weights
             spec = ProjectorSpec.create(shapes, k, seed=seed, kind=kind_k, dtype=dtype)
-            folder = store.path / FEATURES_DIR / key / f"step-{step:06d}" / f"{preconditioner}-{spec.spec_id}"
+            folder = store.path / FEATURES_DIR / key / f"step-{step:06d}" / f"{preconditioner}-{spec.spec_id}{tag}"
             if not _is_complete(folder):
                 snapshot = load_snapshot(store, step)
                 if featurizer is None:
@@ -810,6 +814,7 @@ def gradient_features(
                     "dataset_key": key,
                     "processing": processing.to_dict(),
                     "padding_side": padding_side,
+                    "compute_dtype": precision,
                 }
                 stats = featurize_rows(
                     featurizer, rows, folder, meta, collate=collate, batch_size=batch_size,
@@ -838,10 +843,24 @@ def _device_for(model: torch.nn.Module | None, device: str | torch.device | None
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def compute_dtype(model: torch.nn.Module | None) -> str:
+    """The precision gradients are computed in: float32 for the store's model (loaded in fp32), else the lowest of a
+    passed model's floating weights (a bf16 base with fp32 adapters computes in bf16)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()} if model is not None else set()
+    lowest = min(dtypes, key=lambda d: torch.finfo(d).bits, default=torch.float32)
+    return str(lowest).removeprefix("torch.") if torch.finfo(lowest).bits < 32 else "float32"
+
+
 def check_same_space(*feature_sets: FeatureSet) -> None:
-    """Raise `SpecMismatchError` unless all feature sets share one projector spec."""
+    """Raise `SpecMismatchError` unless all feature sets share one projector spec and one compute precision."""
     for other in feature_sets[1:]:
         feature_sets[0].spec.check_same(other.spec)
+        ours, theirs = (f.meta.get("compute_dtype", "float32") for f in (feature_sets[0], other))
+        if ours != theirs:
+            raise SpecMismatchError(
+                f"features computed in {ours} ({feature_sets[0].path}) and in {theirs} ({other.path}) are not "
+                "comparable: featurize both through the same model (model=, or none for the store's fp32 one)"
+            )
 
 
 def cosine_tolerance(k: int | None, z: float = 4.0) -> float:
