@@ -14,7 +14,8 @@ base weights under a LoRA adapter work the same as a full model), and one backwa
 padded batch gives every row's factors at once (rows never interact in a causal LM).
 
 `q`, `k`, `v`, `o` are the same four matrices on every family. Where q, k and v are row blocks of
-one fused weight (GPT-2 `c_attn`, GPT-NeoX and Falcon `query_key_value`, Phi-3 `qkv_proj`), a
+one fused weight (GPT-2 and GPT-BigCode `c_attn`, GPT-NeoX, Falcon and Bloom `query_key_value`, Phi-3 and
+CodeGen `qkv_proj`, MPT `Wqkv`), a
 block's gradient is `G_q = Σ_t δ_t[q] x_tᵀ`: the same factoring with Δ cut to the block's rows,
 laid out as each family's modeling code splits them (`qkv_rows`). GPT-2's `Conv1D` (weight stored
 (in, out)) is read through the same hooks. The model is handed back exactly as it came.
@@ -118,19 +119,29 @@ PROJECTION_ALIASES: dict[str, tuple[str, ...]] = {
     "q": ("q_proj",),
     "k": ("k_proj",),
     "v": ("v_proj",),
-    "o": ("o_proj", "self_attn.out_proj", "attention.dense", "self_attention.dense", "attn.c_proj"),
-}
+    "o": (
+        "o_proj", "self_attn.out_proj", "attn.out_proj", "attention.dense", "self_attention.dense", "self_attn.dense",
+        "attn.c_proj",
+    ),
+}  # fmt: skip
 """Module-name endings of the attention projections stored as their own weight: `o` is `o_proj` (Llama,
-Phi-3, ...), `out_proj` (OPT), `dense` (GPT-NeoX `attention.dense`, Falcon `self_attention.dense`) or
-`attn.c_proj` (GPT-2, whose MLP has a `c_proj` too). Fused q/k/v weights are in `FUSED_QKV`."""
+Phi-3, ...), `out_proj` (OPT `self_attn.out_proj`, MPT and CodeGen `attn.out_proj`), `dense` (GPT-NeoX
+`attention.dense`, Falcon and Bloom `self_attention.dense`, Phi `self_attn.dense`) or `attn.c_proj` (GPT-2 and
+GPT-BigCode, whose MLPs have a `c_proj` too). Fused q/k/v weights are in `FUSED_QKV`."""
 
 FUSED_QKV: dict[str, str] = {
     "gpt2": "attn.c_attn",
     "gpt_neox": "attention.query_key_value",
     "phi3": "self_attn.qkv_proj",
     "falcon": "self_attention.query_key_value",
+    "bloom": "self_attention.query_key_value",
+    "gpt_bigcode": "attn.c_attn",
+    "mpt": "attn.Wqkv",
+    "codegen": "attn.qkv_proj",
 }
 """Per `model_type`, the module-name ending of the weight that holds q, k and v as row blocks (see `qkv_rows`)."""
+
+CODEGEN_MP_NUM = 4  # `CodeGenAttention.mp_num`: a constant of the modeling code, not in the config
 
 _FUSED_QKV_NAMES = ("c_attn", "query_key_value", "qkv_proj", "Wqkv", "qkv", "W_pack")
 """Last name parts that usually mean a fused q/k/v weight: named in the error for a model type of unknown layout."""
@@ -165,6 +176,15 @@ def qkv_rows(config) -> dict[str, torch.Tensor]:
       k = `[-2]`, v = `[-1]`: per kv group `[q_1 … q_g | k | v]`; without it and without
       `multi_query`, `view(..., num_heads, 3, head_dim)`: per head `[q_h | k_h | v_h]`; with
       `multi_query`, `view(..., num_heads + 2, head_dim)`: `[q | k | v]` with one k and one v head.
+    * bloom — `BloomAttention._reshape`: `view(batch, seq_length, num_heads, 3, head_dim)`, q = `[..., 0, :]`:
+      per head `[q_h | k_h | v_h]`.
+    * gpt_bigcode — `GPTBigCodeAttention.forward`: with `multi_query`, `split((embed_dim, kv_dim, kv_dim))`,
+      `kv_dim = head_dim`: `[q | k | v]` with one k and one v head; without it, `view(..., num_heads, 3 * head_dim)`
+      then `split(3 * [head_dim])`: per head `[q_h | k_h | v_h]`.
+    * mpt — `MptAttention.forward`: `mixed_qkv.chunk(3, dim=2)`: `[q | k | v]`.
+    * codegen — `CodeGenAttention.forward`: `view(..., -1, 3 * local_dim)` with `local_dim = embed_dim // mp_num`
+      (`mp_num = 4`), then `query, value, key = qkv.split(local_dim, dim=-1)`: per group `[q_g | v_g | k_g]`
+      (v before k), q the groups' q parts in order.
     """
     family = getattr(config, "model_type", None)
     heads = config.num_attention_heads
@@ -186,6 +206,21 @@ def qkv_rows(config) -> dict[str, torch.Tensor]:
         if not config.multi_query:
             return _blocks(heads, [("q", head), ("k", head), ("v", head)])
         return _blocks(1, [("q", heads * head), ("k", head), ("v", head)])
+    if family == "bloom":
+        head = config.hidden_size // heads
+        return _blocks(heads, [("q", head), ("k", head), ("v", head)])
+    if family == "gpt_bigcode":
+        d, head = config.hidden_size, config.hidden_size // heads
+        if config.multi_query:
+            return _blocks(1, [("q", d), ("k", head), ("v", head)])
+        return _blocks(heads, [("q", head), ("k", head), ("v", head)])
+    if family == "mpt":
+        d = config.hidden_size
+        return _blocks(1, [("q", d), ("k", d), ("v", d)])
+    if family == "codegen":
+        local = config.hidden_size // CODEGEN_MP_NUM
+        rows = _blocks(CODEGEN_MP_NUM, [("q", local), ("v", local), ("k", local)])
+        return {label: rows[label] for label in "qkv"}
     raise ValueError(f"the q/k/v layout of a fused weight of model type {family!r} is not known")
 
 
@@ -249,9 +284,9 @@ def find_targets(
     """The weight matrices to measure, in (layer, projection) order: exactly one per requested layer and projection.
 
     `q`, `k`, `v`, `o` mean the attention projections on every family: a separate `q_proj`, or the
-    q row block of a fused weight (GPT-2 `c_attn`, GPT-NeoX/Falcon `query_key_value`, Phi-3
-    `qkv_proj`; see `qkv_rows`), and `o_proj`/`out_proj`/`dense`/`attn.c_proj` for `o`. Any other
-    label is a module-name ending (`mlp.down_proj`, or `c_attn` to measure a fused weight whole).
+    q row block of a fused weight (GPT-2/GPT-BigCode `c_attn`, GPT-NeoX/Falcon/Bloom `query_key_value`,
+    Phi-3/CodeGen `qkv_proj`, MPT `Wqkv`; see `qkv_rows`), and `o_proj`/`out_proj`/`dense`/`attn.c_proj` for
+    `o`. Any other label is a module-name ending (`mlp.down_proj`, or `c_attn` to measure a fused weight whole).
     A label that matches nothing, or more than one matrix, in some requested layer is an error:
     a spectrum table never silently lacks a layer or mixes two matrices under one key.
     `modules` instead names linear layers exactly. Linear and GPT-2 `Conv1D` layers qualify;

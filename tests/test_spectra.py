@@ -300,6 +300,21 @@ def _qkv_rows_from_modeling_code(family: str, config) -> dict[str, torch.Tensor]
         head, group = config.hidden_size // heads, heads // config.num_kv_heads
         out = torch.arange((heads + 2 * config.num_kv_heads) * head).view(-1, group + 2, head)
         return {"q": out[:, :-2].flatten(), "k": out[:, -2].flatten(), "v": out[:, -1].flatten()}
+    if family == "bloom":  # BloomAttention._reshape: view(batch, seq_length, num_heads, 3, head_dim)
+        out = torch.arange(3 * config.hidden_size).view(heads, 3, -1)
+        return {p: out[:, i].flatten() for i, p in enumerate("qkv")}
+    if family == "gpt_bigcode":  # multi_query: split((embed_dim, kv_dim, kv_dim), dim=3), kv_dim = head_dim
+        head = config.hidden_size // heads
+        if not config.multi_query:  # view(*hidden_states.shape[:2], num_heads, 3 * head_dim), split(3 * [head_dim])
+            per_head = torch.arange(3 * config.hidden_size).view(heads, 3 * head).split(3 * [head], dim=-1)
+            return {p: x.flatten() for p, x in zip("qkv", per_head)}
+        return dict(zip("qkv", torch.arange(config.hidden_size + 2 * head).split((config.hidden_size, head, head))))
+    if family == "mpt":  # mixed_qkv.chunk(3, dim=2)
+        return dict(zip("qkv", torch.arange(3 * config.hidden_size).chunk(3)))
+    if family == "codegen":  # view(*input_shape, -1, 3 * local_dim); query, value, key = qkv.split(local_dim, -1)
+        local = config.hidden_size // 4  # CodeGenAttention.mp_num = 4
+        query, value, key = torch.arange(3 * config.hidden_size).view(-1, 3 * local).split(local, dim=-1)
+        return {"q": query.flatten(), "k": key.flatten(), "v": value.flatten()}
     raise AssertionError(family)
 
 
@@ -342,7 +357,7 @@ def _autograd_block_sigmas(model, family, rows, targets):
             m.weight.requires_grad_(flags[id(m.weight)])
 
 
-FUSED_FAMILIES = ("gpt2", "gpt_neox", "phi3", "falcon")
+FUSED_FAMILIES = ("gpt2", "gpt_neox", "phi3", "falcon", "bloom", "gpt_bigcode", "mpt", "codegen")
 SIGMA_RTOL = 1e-4
 """|σ_ours − σ_autograd| ≤ SIGMA_RTOL · σ_max. By Weyl's inequality |Δσ_i| ≤ ‖ΔG‖₂, and the two G are fp32
 computations of the same sum (a padded batch vs one row): a few hundred fp32 roundings (ε = 1.2e-7) of terms of
@@ -350,7 +365,7 @@ size ≤ σ_max, so ‖ΔG‖₂ is of order 1e-5 σ_max; 1e-4 leaves a margin. 
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-@pytest.mark.parametrize("family", FUSED_FAMILIES + ("opt",))  # OPT: out_proj, learned positions under padding
+@pytest.mark.parametrize("family", FUSED_FAMILIES + ("opt", "phi"))  # OPT: out_proj, learned positions; Phi: dense
 def test_qkvo_blocks_match_autograd(tokenizer, rows6, family, lora):
     from hf_datasel.synthetic.families import build_family_model, lora_targets
 
@@ -383,10 +398,25 @@ def test_qkvo_blocks_match_autograd(tokenizer, rows6, family, lora):
     assert worst <= SIGMA_RTOL, f"max |Δσ| / σ_max = {worst:.1e}"
 
 
+def test_fused_layouts_of_other_settings_follow_the_modeling_code():
+    """A setting the families' tiny models do not use: GPT-BigCode without multi-query."""
+    from hf_datasel.spectra import qkv_rows
+    from hf_datasel.synthetic.families import family_config
+
+    config = family_config("gpt_bigcode", 40)
+    config.multi_query = False
+    for label, rows in _qkv_rows_from_modeling_code("gpt_bigcode", config).items():
+        assert torch.equal(qkv_rows(config)[label], rows), label
+
+
 def test_every_family_measures_qkvo_on_every_layer(tmp_path, tokenizer, rows6):
     from hf_datasel.synthetic.families import FAMILIES, build_family_model
 
-    o_names = {"gpt2": "attn.c_proj", "gpt_neox": "attention.dense", "opt": "out_proj", "falcon": "attention.dense"}
+    o_names = {
+        "gpt2": "attn.c_proj", "gpt_neox": "attention.dense", "opt": "out_proj", "falcon": "attention.dense",
+        "bloom": "self_attention.dense", "gpt_bigcode": "attn.c_proj", "mpt": "attn.out_proj",
+        "codegen": "attn.out_proj", "phi": "self_attn.dense",
+    }  # fmt: skip
     keys = [(layer, p) for layer in (0, 1) for p in "qkvo"]
     data = rows6.select(range(2))
     measured = {}
@@ -413,7 +443,7 @@ def test_projection_missing_or_ambiguous_in_some_layer_raises(tokenizer, tiny_mo
     with pytest.raises(ValueError, match="'mlp.down_proj' matches no linear layer in layers \\[0, 1\\]"):
         find_targets(gpt2, projections=("q", "mlp.down_proj"))
     assert len(find_targets(gpt2, projections=("c_attn",))) == 2  # the fused weight whole, by its own name
-    gpt2.config.model_type = "gpt_bigcode"  # same `c_attn` name, another layout: never guessed
+    gpt2.config.model_type = "my_own_gpt"  # the same `c_attn` name on a model type of unknown layout: never guessed
     with pytest.raises(ValueError, match="c_attn looks like a fused q/k/v weight"):
         find_targets(gpt2)
     assert len(find_targets(gpt2, projections=("o",))) == 2

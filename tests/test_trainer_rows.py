@@ -237,10 +237,34 @@ def test_every_family_featurizes_what_was_trained(tmp_path, chat_tok, raw_pool, 
     model = build_family_model(family, chat_tok, seed=0)
     if lora:
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=lora_targets(family)))
-    trainer = _sft_run(tmp_path, model, chat_tok, raw)
+    # an MoE trainer adds the router's load-balancing term, a batch-level one that per-sample features leave out (its
+    # share of the gradient is the coefficient's, 1e-3 to 1e-2): the reference is the trainer's loss without it
+    config = {"router_aux_loss_coef": 0.0} if family in MOE_FAMILIES else {}
+    trainer = _sft_run(tmp_path, model, chat_tok, raw, **config)
     # a LoRA base built from a config has no loadable weights in the store: the user passes the model
     check_exact(trainer, raw, pass_model=lora)
     check_selections(trainer, raw, raw.select(range(2)), pass_model=lora)
+
+
+def test_moe_features_leave_the_router_load_balancing_term_out(tmp_path, chat_tok, raw_pool):
+    """TRL adds an MoE router's load-balancing loss by default; the recorded losses and the features are those of the
+    plain cross-entropy either way (the term is batch-level: a row has no share of its own)."""
+    raw = _as("prompt_completion", raw_pool, chat_tok).select(range(6))
+    runs = []
+    for name, config in (("default", {}), ("off", {"router_aux_loss_coef": 0.0})):
+        trainer = _sft_run(tmp_path / name, build_family_model("olmoe", chat_tok, seed=0), chat_tok, raw, **config)
+        store = RunStore.for_output_dir(trainer.args.output_dir)
+        (features,) = gradient_features(store, raw, k=None, dtype="float32", progress=False)
+        runs.append((trainer, features.raw(), store.load_arrays(RunStore.LOSSES)))
+    (with_term, ours, losses), (without, theirs, plain_losses) = runs
+    assert with_term.aux_loss_enabled and not without.aux_loss_enabled
+    np.testing.assert_array_equal(ours, theirs)
+    order, plain_order = np.argsort(losses["row_id"]), np.argsort(plain_losses["row_id"])
+    np.testing.assert_allclose(losses["loss"][order], plain_losses["loss"][plain_order], rtol=1e-6)
+    names = [n for n, p in with_term.model.named_parameters() if p.requires_grad]
+    full = trainer_gradients(with_term, names)  # the trainer's own loss, load-balancing term included
+    row = next(iter(full))
+    assert float((torch.from_numpy(ours[row]) - full[row]).norm() / full[row].norm()) > 1e-4  # the term was there
 
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
