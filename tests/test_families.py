@@ -132,15 +132,26 @@ def test_per_sample_gradients_equal_one_row_autograd(tokenizer, family_rows, fam
     [
         ("llama", {"target_modules": ["q_proj", "v_proj"], "use_dora": True}, "lora_magnitude_vector"),
         ("gpt2", {"target_modules": ["wte", "wpe", "c_attn"]}, "lora_embedding_A"),
+        ("llama", {"target_modules": ["q_proj"], "modules_to_save": ["lm_head", "embed_tokens"]}, "modules_to_save"),
+        ("gpt2", {"target_modules": ["c_attn", "c_proj"], "use_rslora": True, "bias": "lora_only"}, "bias"),
+        ("gpt2", {"target_modules": ["c_attn"], "fan_in_fan_out": True}, "lora_A"),
+        ("llama", {"ia3": True, "target_modules": ["k_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
+         "ia3_l"),
     ],
-    ids=["dora", "lora-on-embeddings"],
+    ids=["dora", "lora-on-embeddings", "modules-to-save", "rslora-bias", "conv1d-fan-in-fan-out", "ia3"],
 )
 def test_adapter_variants(tokenizer, family_rows, family, adapter, variant_parameter):
-    """DoRA (its adapters also applied to an identity matrix, for a detached weight norm: not a row) and LoRA
-    on embeddings (adapter weights in ParameterDicts, used by the module that holds them)."""
-    from peft import LoraConfig, get_peft_model
+    """DoRA (its adapters also applied to an identity matrix, for a detached weight norm: not a row), LoRA
+    on embeddings (adapter weights in ParameterDicts, used by the module that holds them), full copies of the
+    LM head and embeddings next to LoRA (`modules_to_save`), rsLoRA with trained biases, GPT-2's Conv1D with
+    `fan_in_fan_out`, and IA³ (learned scales on a layer's input or output)."""
+    from peft import IA3Config, LoraConfig, get_peft_model
 
-    config = LoraConfig(r=4, init_lora_weights=False, **adapter)
+    adapter = dict(adapter)
+    if adapter.pop("ia3", False):
+        config = IA3Config(**adapter)
+    else:
+        config = LoraConfig(r=4, init_lora_weights=False, **adapter)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = get_peft_model(build_family_model(family, tokenizer, seed=0), config).eval()
