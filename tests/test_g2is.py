@@ -307,7 +307,7 @@ def test_method_warns_and_reports_a_shortfall(monkeypatch):
 
     # the hand-worked rows again (3 of 4 fit), served in place of the featurizer's cached features
     def fake_features(ctx, targets, task_column, **feature_args):
-        return [unit(0, 55, -70, 85, -30)], [1.0], [unit(0, 0)], ["t"], {"snapshots": []}
+        return [unit(0, 55, -70, 85, -30)], [1.0], [unit(0, 0)], ["t"], {"snapshots": [], "compute_dtype": "float32"}
 
     monkeypatch.setattr(g2is_module, "_load_features", fake_features)
     ctx = SelectionContext(store=None, dataset=Dataset.from_dict({"text": list("abcde")}), budget=4)
@@ -459,7 +459,7 @@ def test_method_passes_and_records_the_reference_switches(monkeypatch):
 
     # the rows of the sign-agnostic anchor example, with a target along 0 deg
     def fake_features(ctx, targets, task_column, **feature_args):
-        return [unit(115, 170, -125)], [1.0], [unit(0, 0)], ["t"], {"snapshots": []}
+        return [unit(115, 170, -125)], [1.0], [unit(0, 0)], ["t"], {"snapshots": [], "compute_dtype": "float32"}
 
     monkeypatch.setattr(g2is_module, "_load_features", fake_features)
     ctx = SelectionContext(store=None, dataset=Dataset.from_dict({"text": list("abc")}), budget=2)

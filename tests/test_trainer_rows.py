@@ -351,10 +351,12 @@ def test_a_bf16_model_passed_in_keeps_its_features_apart(tmp_path, chat_tok, raw
     assert (np.einsum("ij,ij->i", a, b) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min() > 0.99
     with pytest.raises(SpecMismatchError, match="bfloat16.*float32|float32.*bfloat16"):
         check_same_space(passed, stored)
-    subset = DataSelector.from_run(args.output_dir, dataset=raw).select(
-        "less", budget=3, targets=raw.select(range(2)), k=64, model=trainer.model
-    )
-    assert len(subset) == 3
+    selector = DataSelector.from_run(args.output_dir, dataset=raw)
+    for method in ("less", "g2is"):  # the card says in which precision the features were computed
+        selector.select(method, budget=3, targets=raw.select(range(2)), k=64, model=trainer.model)
+        assert selector.last.selection.params["compute_dtype"] == "bfloat16"
+        selector.select(method, budget=3, targets=raw.select(range(2)), k=64)
+        assert selector.last.selection.params["compute_dtype"] == "float32"
 
 
 def test_spectra_with_a_store_see_the_trainers_rows(tmp_path, chat_tok, raw_pool):

@@ -692,6 +692,7 @@ def _load_features(
         "snapshots": [{"step": fs.step, "weight": fs.weight, "lr_mean": fs.lr_mean} for fs in train],
         "feature_dims": int(sum(fs.unit.shape[1] for fs in train)),
         "spec": train[0].spec.to_dict() | {"param_names": len(train[0].spec.param_names)},
+        "compute_dtype": train[0].meta.get("compute_dtype", "float32"),
     }
     return [fs.unit for fs in train], weights, target_feats, names, info
 
@@ -810,6 +811,7 @@ def select_g2is(
             "projection": projection,
             "adam_form": adam_form,
             "steps": [snap["step"] for snap in feature_info["snapshots"]],
+            "compute_dtype": feature_info["compute_dtype"],
             "batch_size": batch_size,
             "max_length": max_length,
             "formatting_func": function_name(formatting_func),

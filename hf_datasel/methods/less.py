@@ -154,6 +154,7 @@ def select_less(
             "adam_form": adam_form,
             "feature_dtype": feature_dtype,
             "steps": [t.step for t in train],
+            "compute_dtype": train[0].meta.get("compute_dtype", "float32"),  # the model's precision (`model=`)
             "batch_size": batch_size,
             "max_length": max_length,
             "formatting_func": function_name(formatting_func),
