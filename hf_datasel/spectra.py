@@ -187,40 +187,25 @@ def qkv_rows(config) -> dict[str, torch.Tensor]:
       (v before k), q the groups' q parts in order.
     """
     family = getattr(config, "model_type", None)
-    heads = config.num_attention_heads
-    if family == "gpt2":
-        d = config.hidden_size
+    heads, d = config.num_attention_heads, config.hidden_size
+    head = d // heads
+    per_head = [("q", head), ("k", head), ("v", head)]  # `[q_h | k_h | v_h]`, once per head
+    one_kv = [("q", d), ("k", head), ("v", head)]  # multi-query: one k and one v head
+    if family in ("gpt2", "mpt"):
         return _blocks(1, [("q", d), ("k", d), ("v", d)])
-    if family == "gpt_neox":
-        head = config.hidden_size // heads
-        return _blocks(heads, [("q", head), ("k", head), ("v", head)])
+    if family in ("gpt_neox", "bloom"):
+        return _blocks(heads, per_head)
     if family == "phi3":
-        head = getattr(config, "head_dim", config.hidden_size // heads)
+        head = getattr(config, "head_dim", head)
         kv = config.num_key_value_heads * head
         return _blocks(1, [("q", heads * head), ("k", kv), ("v", kv)])
-    if family == "falcon":
-        head = config.hidden_size // heads
-        if config.new_decoder_architecture:
-            per_group = heads // config.num_kv_heads
-            return _blocks(config.num_kv_heads, [("q", per_group * head), ("k", head), ("v", head)])
-        if not config.multi_query:
-            return _blocks(heads, [("q", head), ("k", head), ("v", head)])
-        return _blocks(1, [("q", heads * head), ("k", head), ("v", head)])
-    if family == "bloom":
-        head = config.hidden_size // heads
-        return _blocks(heads, [("q", head), ("k", head), ("v", head)])
-    if family == "gpt_bigcode":
-        d, head = config.hidden_size, config.hidden_size // heads
-        if config.multi_query:
-            return _blocks(1, [("q", d), ("k", head), ("v", head)])
-        return _blocks(heads, [("q", head), ("k", head), ("v", head)])
-    if family == "mpt":
-        d = config.hidden_size
-        return _blocks(1, [("q", d), ("k", d), ("v", d)])
+    if family == "falcon" and config.new_decoder_architecture:
+        return _blocks(config.num_kv_heads, [("q", heads // config.num_kv_heads * head), ("k", head), ("v", head)])
+    if family in ("falcon", "gpt_bigcode"):
+        return _blocks(1, one_kv) if config.multi_query else _blocks(heads, per_head)
     if family == "codegen":
-        local = config.hidden_size // CODEGEN_MP_NUM
-        rows = _blocks(CODEGEN_MP_NUM, [("q", local), ("v", local), ("k", local)])
-        return {label: rows[label] for label in "qkv"}
+        local = d // CODEGEN_MP_NUM
+        return _blocks(CODEGEN_MP_NUM, [("q", local), ("v", local), ("k", local)])
     raise ValueError(f"the q/k/v layout of a fused weight of model type {family!r} is not known")
 
 

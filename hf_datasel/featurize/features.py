@@ -845,7 +845,7 @@ def _device_for(model: torch.nn.Module | None, device: str | torch.device | None
 
 def compute_dtype(model: torch.nn.Module | None) -> str:
     """The precision gradients are computed in: float32 for the store's model (loaded in fp32), else the lowest of a
-    passed model's floating weights (a bf16 base with fp32 adapters computes in bf16)."""
+    passed model's floating weights (a bf16 base with fp32 adapters computes in bf16); 32 bits or more is float32."""
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()} if model is not None else set()
     lowest = min(dtypes, key=lambda d: torch.finfo(d).bits, default=torch.float32)
     return str(lowest).removeprefix("torch.") if torch.finfo(lowest).bits < 32 else "float32"
