@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hf_datasel.bench import quality as quality_module
 from hf_datasel.bench.perf import PerfConfig, run_part, run_perf
 from hf_datasel.bench.quality import (
     FULL,
@@ -22,6 +23,7 @@ from hf_datasel.bench.quality import (
 )
 from hf_datasel.bench.recorder import run_recorder_bench
 from hf_datasel.selector import resolve_budget
+from hf_datasel.store import library_versions
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +60,9 @@ def test_quality_writes_json_plot_and_table(quality):
     assert "| s2l |" in report and "# unseen pools (family 'unseen'" in report
     assert "| less_5pct_target_em_vs_full |" not in report  # no LESS run here: no LESS goal row
     assert set(on_disk) >= {"settings", "machine", "pool", "runs", "summary", "summary_by_protocol", "goals"}
+    assert on_disk["versions"] == library_versions() and len(on_disk["code"]["commit"] or "") in (0, 40)
+    for model in ("large", "proxy"):  # the bases it fine-tuned and recorded from, as cached
+        assert (Path(on_disk["bases"][model]) / "config.json").exists()
     methods = {r["method"] for r in result["runs"]}
     assert methods == {"random", "s2l", ORACLE, FULL}
     # per seed and protocol: 2 methods and the oracle at every budget, and the full pool
@@ -129,6 +134,19 @@ def test_quality_summary_is_mean_and_spread_over_seeds(quality):
     assert stats["std"] == pytest.approx(np.std(values, ddof=1))
     losses = [r["eval"]["all"]["loss"] for r in runs]
     assert result["summary"]["s2l"]["0.5"]["all_loss"]["min"] == pytest.approx(min(losses))
+
+
+@pytest.mark.parametrize("model", ["large", "proxy"])
+def test_a_cached_base_is_reused_only_for_the_same_corpus_and_stack(quality, monkeypatch, model):
+    config, result, root = quality
+    cached = quality_module._base_path(config, model)
+    assert str(cached) == result["bases"][model]  # the same settings: the same base
+    corpus = quality_module.generic_corpus
+    monkeypatch.setattr(quality_module, "generic_corpus", lambda n: corpus(n)[::-1])  # same lines, other order
+    assert quality_module._base_path(config, model) != cached
+    monkeypatch.setattr(quality_module, "generic_corpus", corpus)
+    monkeypatch.setattr(quality_module, "library_versions", lambda: {**library_versions(), "trl": "0.0.1"})
+    assert quality_module._base_path(config, model) != cached
 
 
 def test_quality_unknown_variant_or_family_is_refused():

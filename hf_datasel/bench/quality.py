@@ -92,10 +92,11 @@ from ..record import LossRecorderCallback
 from ..record.snapshot import SnapshotCallback
 from ..rows import with_row_ids
 from ..selector import DataSelector, resolve_budget
-from ..store import write_json
+from ..store import library_versions, write_json
 from ..synthetic import LARGE, PROXY, build_model, build_tokenizer, tiny_sft_config, without_log_prints
 from ..synthetic.mix import FAMILIES, make_family_mix, make_family_rows
 from ..synthetic.tasks import generic_corpus
+from .peers import code_version
 from .recorder import machine
 
 TARGETS = object()  # placeholder in a variant's parameters for the target examples
@@ -208,8 +209,11 @@ def _base_path(config: QualityConfig, model: str = "large") -> Path | None:
         max_length=config.max_length,
         batch=config.batch_size,
     )
-    if model == "proxy":  # its own key; the large model's key is the one earlier bases were cached under
+    if model == "proxy":
         spec = {**spec, "large": None, "proxy": asdict(PROXY), "vocab": None}
+    # what it was trained on and by: a base of another corpus or stack is trained again, never reused
+    spec["corpus"] = hashlib.sha1("\n".join(generic_corpus(config.pretrain_rows)).encode()).hexdigest()
+    spec["versions"] = {k: v for k, v in library_versions().items() if k != "hf_datasel"}
     key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
     return Path(config.base_cache or BASE_CACHE) / (f"base-{key}" if model == "large" else f"proxy-base-{key}")
 
@@ -857,6 +861,8 @@ def run_quality(config: QualityConfig | None = None, log=print, write: bool = Tr
         result["unseen"] = _family_result(other, log=log)
     result["seconds"] = round(time.perf_counter() - started, 1)
     result["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    result["code"], result["versions"] = code_version(), library_versions()  # what to re-run to reproduce it
+    result["bases"] = {m: str(_base_path(config, m)) for m in ("large", "proxy")}
     if write:
         stem = "quality" if config.mode == "quick" else f"quality-{config.mode}"
         write_json(Path(config.results_dir) / f"{stem}.json", result)
