@@ -15,15 +15,21 @@ from hf_datasel.bench.quality import (
     ORACLE,
     QualityConfig,
     budget_table,
+    less_separation,
     markdown_table,
     run_quality,
     seed_data,
+    separation_table,
     unseen_config,
     write_reports,
 )
 from hf_datasel.bench.recorder import run_recorder_bench
+from hf_datasel.featurize import gradient_features
+from hf_datasel.methods.less import less_scores
 from hf_datasel.selector import resolve_budget
 from hf_datasel.store import library_versions
+from hf_datasel.synthetic import make_pool
+from tests.gradient_store import make_snapshot_store
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +215,34 @@ def test_perf_failed_part_is_reported_not_raised(tmp_path):
     assert set(bad) == {"error"}
     with pytest.raises(ValueError, match="unknown part"):
         run_part("nope", PerfConfig())
+
+
+def _pairwise_auc(positive: np.ndarray, score: np.ndarray) -> float:
+    """P(a positive row scores above a negative one), ties counting half: the AUC written out."""
+    pos, neg = score[positive], score[~positive]
+    return float(np.mean([(a > b) + 0.5 * (a == b) for a in pos for b in neg]))
+
+
+def test_less_separation_is_the_auc_of_the_less_score_combined_and_per_snapshot(tmp_path, tokenizer):
+    pool = make_pool(40, noise=0.3, seed=11)
+    targets = make_pool(6, noise=0.0, seed=12, tasks=("add",))
+    store, _ = make_snapshot_store(tmp_path, tokenizer, pool)
+    sep = less_separation(store, pool, targets, "add")
+    train = gradient_features(store, pool, preconditioner="adam", progress=False)  # the cached features
+    aligned = gradient_features(store, targets, preconditioner="none", progress=False)
+    tasks = np.asarray(targets["task"])
+    is_target, noisy = np.asarray(pool["task"]) == "add", np.asarray(pool["is_noisy"], bool)
+    assert 0 < (noisy & is_target).sum() < is_target.sum()  # both classes within the target task
+    snapshots = [([tr], [tg]) for tr, tg in zip(train, aligned)]
+    for got, (tr, tg) in zip([sep["combined"], *sep["snapshots"]], [(train, aligned), *snapshots]):
+        score = less_scores(tr, tg, tasks)[0]
+        ok = np.isfinite(score)
+        within = ok & is_target
+        assert got["noisy_vs_clean"] == pytest.approx(_pairwise_auc(noisy[within], score[within]), abs=1e-4)
+        assert got["target_vs_rest"] == pytest.approx(_pairwise_auc(is_target[ok], score[ok]), abs=1e-4)
+    assert [s["step"] for s in sep["snapshots"]] == [t.step for t in train]
+    assert sum(s["weight"] for s in sep["snapshots"]) == pytest.approx(1.0, abs=1e-3)
+    table = separation_table({"pool": [{"seed": 7, "less_separation": sep}]})
+    c = sep["combined"]
+    assert f"| 7 | {c['noisy_vs_clean']:.2f} / {c['target_vs_rest']:.2f} |" in table
+    assert f"step {train[0].step} (w " in table.splitlines()[0]

@@ -86,13 +86,15 @@ from transformers.utils import logging as hf_logging
 from trl import SFTTrainer
 
 from ..evaluation import evaluate_by_task
+from ..featurize import gradient_features
 from ..methods import METHODS
+from ..methods.less import less_scores
 from ..metrics import selection_stats
 from ..record import LossRecorderCallback
 from ..record.snapshot import SnapshotCallback
 from ..rows import with_row_ids
 from ..selector import DataSelector, resolve_budget
-from ..store import library_versions, write_json
+from ..store import RunStore, library_versions, write_json
 from ..synthetic import LARGE, PROXY, build_model, build_tokenizer, tiny_sft_config, without_log_prints
 from ..synthetic.mix import FAMILIES, make_family_mix, make_family_rows
 from ..synthetic.tasks import generic_corpus
@@ -455,7 +457,47 @@ def select_seed(
         **_subset_fields(stats),
         "record_seconds": round(record_seconds, 1),
     }
+    if "less" in variants and "less" not in skipped:
+        store = RunStore.for_output_dir(out / "proxy")
+        pool_info["less_separation"] = less_separation(store, pool, data["targets"], config.target_task)
     return jobs, pool_info
+
+
+def _auc(positive: np.ndarray, score: np.ndarray) -> float | None:
+    """ROC AUC of `score` for `positive` rows over the others; None when one side is empty."""
+    from sklearn.metrics import roc_auc_score
+
+    if positive.all() or not positive.any():
+        return None
+    return round(float(roc_auc_score(positive, score)), 4)
+
+
+def less_separation(store: RunStore, pool: Dataset, targets: Dataset, target: str) -> dict[str, Any]:
+    """How the LESS score (the `less` variant's, from its cached features) ranks the pool, combined and per snapshot.
+
+    ROC AUCs: `noisy_vs_clean` within the target task (0: every wrong answer scores below every clean
+    row; 0.5: no separation) and `target_vs_rest` (1: every target row above every other row). Says
+    why a selection does or does not leave wrong answers out, snapshot by snapshot.
+    """
+    train = gradient_features(store, pool, preconditioner="adam", progress=False)
+    aligned = gradient_features(store, targets, preconditioner="none", progress=False)
+    tasks = np.asarray(targets["task"]) if "task" in targets.column_names else np.zeros(len(targets), np.int64)
+    is_target = np.asarray(pool["task"]) == target
+    noisy = np.asarray(pool["is_noisy"], bool)
+
+    def aucs(score: np.ndarray) -> dict[str, float | None]:
+        ok = np.isfinite(score)
+        within = ok & is_target
+        return {
+            "noisy_vs_clean": _auc(noisy[within], score[within]),
+            "target_vs_rest": _auc(is_target[ok], score[ok]),
+        }
+
+    per_snapshot = [
+        {"step": tr.step, "weight": round(float(tr.weight), 4), **aucs(less_scores([tr], [tg], tasks)[0])}
+        for tr, tg in zip(train, aligned)
+    ]
+    return {"combined": aucs(less_scores(train, aligned, tasks)[0]), "snapshots": per_snapshot}
 
 
 SUBSET_FLAGS = {"noisy": "is_noisy", "duplicate": "is_duplicate"}
@@ -906,7 +948,31 @@ def _family_parts(result: dict[str, Any], heading: str) -> list[str]:
         f"Target-task rows in the subset by budget (pool: {pool_target:.1%}):",
         budget_table(result, "target_fraction", s["protocols"][0]),
     ]
+    if any("less_separation" in p for p in result["pool"]):
+        parts += [
+            "How the LESS score ranks the pool (ROC AUC; noisy vs clean within the target task: 0 = every wrong "
+            "answer below every clean row, 0.5 = no separation; target vs rest: 1 = every target row above "
+            "every other), combined and per snapshot (its weight in the combination):",
+            separation_table(result),
+        ]
     return parts
+
+
+def separation_table(result: dict[str, Any]) -> str:
+    """One row per seed: the LESS score's AUCs, combined and per snapshot, as `noisy vs clean / target vs rest`."""
+    pools = [p for p in result["pool"] if "less_separation" in p]
+
+    def cell(aucs: dict[str, Any]) -> str:
+        return " / ".join("–" if aucs[k] is None else f"{aucs[k]:.2f}" for k in ("noisy_vs_clean", "target_vs_rest"))
+
+    snapshots = pools[0]["less_separation"]["snapshots"]
+    header = ["seed", "combined", *(f"step {s['step']} (w {s['weight']:.2f})" for s in snapshots)]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for p in pools:
+        sep = p["less_separation"]
+        cells = [str(p["seed"]), cell(sep["combined"]), *(cell(s) for s in sep["snapshots"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def goals_table(result: dict[str, Any]) -> str:
