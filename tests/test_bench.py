@@ -25,7 +25,8 @@ from hf_datasel.bench.quality import (
 )
 from hf_datasel.bench.recorder import run_recorder_bench
 from hf_datasel.featurize import gradient_features
-from hf_datasel.methods.less import less_scores
+from hf_datasel.methods import SelectionContext
+from hf_datasel.methods.less import less_scores, select_less
 from hf_datasel.selector import resolve_budget
 from hf_datasel.store import library_versions
 from hf_datasel.synthetic import make_pool
@@ -227,7 +228,8 @@ def test_less_separation_is_the_auc_of_the_less_score_combined_and_per_snapshot(
     pool = make_pool(40, noise=0.3, seed=11)
     targets = make_pool(6, noise=0.0, seed=12, tasks=("add",))
     store, _ = make_snapshot_store(tmp_path, tokenizer, pool)
-    sep = less_separation(store, pool, targets, "add")
+    selection = select_less(SelectionContext(store=store, dataset=pool, budget=4), targets)
+    sep = less_separation(store, pool, targets, "add", selection.params)
     train = gradient_features(store, pool, preconditioner="adam", progress=False)  # the cached features
     aligned = gradient_features(store, targets, preconditioner="none", progress=False)
     tasks = np.asarray(targets["task"])

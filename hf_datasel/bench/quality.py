@@ -421,6 +421,7 @@ def select_seed(
         return spectra_cache["spectra"]
 
     selections: list[dict] = []
+    settings: dict[str, dict[str, Any]] = {}  # each variant's selection parameters (its feature settings)
     for name in variants:
         if name in skipped:
             continue
@@ -437,6 +438,7 @@ def select_seed(
                 break
             seconds = time.perf_counter() - t0
             done.append({"seed": seed, "method": name, "budget": budget, "indices": selection.indices.tolist()})
+            settings[name] = selection.params
             done[-1]["select_seconds"] = round(seconds, 3)
             log(f"seed {seed}: {name} selected {len(selection.indices)} rows at {budget:.0%} in {seconds:.1f} s")
         selections += done
@@ -457,9 +459,10 @@ def select_seed(
         **_subset_fields(stats),
         "record_seconds": round(record_seconds, 1),
     }
-    if "less" in variants and "less" not in skipped:
+    if "less" in settings and "less" not in skipped:
         store = RunStore.for_output_dir(out / "proxy")
-        pool_info["less_separation"] = less_separation(store, pool, data["targets"], config.target_task)
+        separation = less_separation(store, pool, data["targets"], config.target_task, settings["less"])
+        pool_info["less_separation"] = separation
     return jobs, pool_info
 
 
@@ -472,16 +475,24 @@ def _auc(positive: np.ndarray, score: np.ndarray) -> float | None:
     return round(float(roc_auc_score(positive, score)), 4)
 
 
-def less_separation(store: RunStore, pool: Dataset, targets: Dataset, target: str) -> dict[str, Any]:
-    """How the LESS score (the `less` variant's, from its cached features) ranks the pool, combined and per snapshot.
+def less_separation(
+    store: RunStore, pool: Dataset, targets: Dataset, target: str, params: dict[str, Any]
+) -> dict[str, Any]:
+    """How the score of a LESS selection (`params`: its `Selection.params`) ranks the pool, combined and per snapshot.
 
     ROC AUCs: `noisy_vs_clean` within the target task (0: every wrong answer scores below every clean
     row; 0.5: no separation) and `target_vs_rest` (1: every target row above every other row). Says
-    why a selection does or does not leave wrong answers out, snapshot by snapshot.
+    why a selection does or does not leave wrong answers out, snapshot by snapshot. The features are
+    the selection's own, read from the store's cache (the settings come from `params`, so they match).
     """
-    train = gradient_features(store, pool, preconditioner="adam", progress=False)
-    aligned = gradient_features(store, targets, preconditioner="none", progress=False)
-    tasks = np.asarray(targets["task"]) if "task" in targets.column_names else np.zeros(len(targets), np.int64)
+    common = dict(
+        k=params["k"], seed=params["projection_seed"], kind=params["projection"], dtype=params["feature_dtype"],
+        steps=params["steps"], batch_size=params["batch_size"], max_length=params["max_length"], progress=False,
+    )  # fmt: skip
+    train = gradient_features(store, pool, preconditioner=params["adam_form"], **common)
+    aligned = gradient_features(store, targets, preconditioner="none", **common)
+    column = params["task_column"]
+    tasks = np.asarray(targets[column]) if column else np.zeros(len(targets), np.int64)
     is_target = np.asarray(pool["task"]) == target
     noisy = np.asarray(pool["is_noisy"], bool)
 
