@@ -298,6 +298,41 @@ def test_interrupted_featurization_resumes_without_recomputing(tmp_path, tokeniz
     np.testing.assert_array_equal(resumed.norms, full.norms)
 
 
+def test_a_failed_write_is_raised_and_no_batch_after_it_is_logged(tmp_path, tokenizer, monkeypatch):
+    """A disk-full error while writing features reaches the caller as it is; the batches flushed before it
+    stay done, none from the failed one on is logged, and the next call finishes them bit for bit."""
+    import errno
+
+    from hf_datasel.store import RunStore
+
+    pool = make_pool(40, seed=6)
+    store, _ = make_snapshot_store(tmp_path, tokenizer, pool, steps=(2,))
+    reference_store = tmp_path / "reference"
+    shutil.copytree(store.path, reference_store)
+    monkeypatch.setitem(features_module.featurize_rows.__kwdefaults__, "flush_every", 1)
+    original, unit_writes = features_module._RowFile.write, []
+
+    def write(self, rows, values):
+        if values.ndim == 2:  # unit.npy; norms.npy is 1-d
+            unit_writes.append(1)
+            if len(unit_writes) == 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        original(self, rows, values)
+
+    monkeypatch.setattr(features_module._RowFile, "write", write)
+    with pytest.raises(OSError, match="No space left"):
+        gradient_features(store, pool, k=64, batch_size=8, progress=False)
+    (log,) = store.path.rglob("done.log")
+    assert log.read_text().split() == ["0", "1"]  # 5 batches: the 3rd failed, the 4th and 5th are not logged
+    monkeypatch.undo()
+    counter = _count_batches(monkeypatch)
+    (resumed,) = gradient_features(store, pool, k=64, batch_size=8, progress=False)
+    assert counter["n"] == 3
+    (full,) = gradient_features(RunStore(reference_store), pool, k=64, batch_size=8, progress=False)
+    np.testing.assert_array_equal(np.asarray(resumed.unit), np.asarray(full.unit))
+    np.testing.assert_array_equal(resumed.norms, full.norms)
+
+
 @pytest.mark.parametrize("system", ["posix", "no-pwrite-no-fdatasync"])
 def test_row_file_writes_scattered_rows_in_place(tmp_path, monkeypatch, system):
     """The shard writer: runs of consecutive rows, single rows and rows out of order land where numpy puts them;
