@@ -17,6 +17,8 @@ from hf_datasel.bench.quality import (
     budget_table,
     less_separation,
     markdown_table,
+    proxy_learning,
+    proxy_learning_table,
     run_quality,
     seed_data,
     separation_table,
@@ -129,6 +131,40 @@ def test_quality_counts_come_from_the_selections(quality, family):
             assert run["rows_per_task"] == dict(zip(tasks.tolist(), counts.tolist()))
         pool_info = next(p for p in result["pool"] if p["seed"] == seed)
         assert pool_info["noisy_fraction"] == pytest.approx(noisy.mean())
+
+
+def test_proxy_learning_is_read_from_the_recorded_sweeps(quality):
+    """Per sweep: clean rows' mean loss and the AUC of the loss, wrong vs right answers, against the sweep file
+    read on its own; for the bench's target and for the largest task (where both kinds of answer occur)."""
+    from safetensors.numpy import load_file
+
+    from hf_datasel.store import RunStore
+
+    config, result, root = quality
+    for seed in config.seeds:
+        pool = seed_data(config, seed)["pool"]
+        proxy = Path(config.output_dir) / f"seed-{seed}" / "proxy"
+        sweep = load_file(str(proxy / "datasel" / "sweep.safetensors"))
+        loss = sweep["loss"][:, np.argsort(sweep["row_id"])]  # row ids are pool positions
+        noisy = np.asarray(pool["is_noisy"], bool)
+        largest = max(config.task_mix(), key=config.task_mix().get)
+        recorded = next(p for p in result["pool"] if p["seed"] == seed)["proxy_learning"]
+        for target, got in ((config.target_task, recorded), (largest, None)):
+            got = got or proxy_learning(RunStore.for_output_dir(proxy), pool, target)
+            is_target = np.asarray(pool["task"]) == target
+            assert [g["step"] for g in got] == sweep["steps"].tolist()
+            for g, row_loss in zip(got, loss):
+                assert g["clean_target_loss"] == pytest.approx(row_loss[is_target & ~noisy].mean(), abs=1e-4)
+                assert g["clean_other_loss"] == pytest.approx(row_loss[~is_target & ~noisy].mean(), abs=1e-4)
+                both = 0 < (noisy & is_target).sum() < is_target.sum()
+                expected = _pairwise_auc(noisy[is_target], row_loss[is_target]) if both else None
+                assert g["noisy_vs_clean"] == (pytest.approx(expected, abs=1e-4) if both else None)
+            if target == largest:
+                assert got[0]["noisy_vs_clean"] is not None
+    table = proxy_learning_table(result)
+    first = next(p for p in result["pool"] if p["seed"] == config.seeds[0])["proxy_learning"]
+    assert f"| {config.seeds[0]} | {first[0]['clean_target_loss']:.2f} / " in table
+    assert "Did the proxy learn the target task?" in (root / "docs" / "quality.md").read_text()
 
 
 def test_quality_summary_is_mean_and_spread_over_seeds(quality):

@@ -94,7 +94,7 @@ from ..record import LossRecorderCallback
 from ..record.snapshot import SnapshotCallback
 from ..rows import with_row_ids
 from ..selector import DataSelector, resolve_budget
-from ..store import RunStore, library_versions, write_json
+from ..store import SWEEP_KEYS, RunStore, library_versions, write_json
 from ..synthetic import LARGE, PROXY, build_model, build_tokenizer, tiny_sft_config, without_log_prints
 from ..synthetic.mix import FAMILIES, make_family_mix, make_family_rows
 from ..synthetic.tasks import generic_corpus
@@ -463,6 +463,7 @@ def select_seed(
         store = RunStore.for_output_dir(out / "proxy")
         separation = less_separation(store, pool, data["targets"], config.target_task, settings["less"])
         pool_info["less_separation"] = separation
+    pool_info["proxy_learning"] = proxy_learning(RunStore.for_output_dir(out / "proxy"), pool, config.target_task)
     return jobs, pool_info
 
 
@@ -509,6 +510,31 @@ def less_separation(
         for tr, tg in zip(train, aligned)
     ]
     return {"combined": aucs(less_scores(train, aligned, tasks)[0]), "snapshots": per_snapshot}
+
+
+def proxy_learning(store: RunStore, pool: Dataset, target: str) -> list[dict[str, Any]]:
+    """Did the proxy learn the target task? Per loss sweep of its recorded run: the mean loss of clean target
+    rows and of clean other rows, and the ROC AUC of the loss, wrong vs right answers within the target
+    task (1: every wrong answer has a higher loss than every clean row; 0.5: the proxy cannot tell them apart).
+
+    A gradient score can only leave out wrong answers of a task the proxy tells apart from right ones.
+    """
+    sweep = store.load_arrays(store.SWEEP, SWEEP_KEYS)
+    position = {int(r): i for i, r in enumerate(sweep["row_id"])}
+    loss = sweep["loss"][:, [position[i] for i in range(len(pool))]]  # the proxy trained on `with_row_ids(pool)`
+    is_target = np.asarray(pool["task"]) == target
+    noisy = np.asarray(pool["is_noisy"], bool)
+    out = []
+    for step, row_loss in zip(sweep["steps"].tolist(), loss):
+        ok = np.isfinite(row_loss)
+        within = ok & is_target
+        out.append({
+            "step": int(step),
+            "clean_target_loss": round(float(row_loss[within & ~noisy].mean()), 4),
+            "clean_other_loss": round(float(row_loss[ok & ~is_target & ~noisy].mean()), 4),
+            "noisy_vs_clean": _auc(noisy[within], row_loss[within]),
+        })  # fmt: skip
+    return out
 
 
 SUBSET_FLAGS = {"noisy": "is_noisy", "duplicate": "is_duplicate"}
@@ -966,6 +992,13 @@ def _family_parts(result: dict[str, Any], heading: str) -> list[str]:
             "every other), combined and per snapshot (its weight in the combination):",
             separation_table(result),
         ]
+    if any("proxy_learning" in p for p in result["pool"]):
+        parts += [
+            "Did the proxy learn the target task? Its recorded loss per sweep: clean target rows' mean loss, and "
+            "the ROC AUC of the loss, wrong vs right answers within the target task (1 = every wrong answer above "
+            "every clean row, 0.5 = not told apart); first, middle and last sweep:",
+            proxy_learning_table(result),
+        ]
     return parts
 
 
@@ -982,6 +1015,25 @@ def separation_table(result: dict[str, Any]) -> str:
     for p in pools:
         sep = p["less_separation"]
         cells = [str(p["seed"]), cell(sep["combined"]), *(cell(s) for s in sep["snapshots"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def proxy_learning_table(result: dict[str, Any]) -> str:
+    """One row per seed: `proxy_learning` at the first, middle and last sweep, as `clean target loss / AUC`."""
+    pools = [p for p in result["pool"] if "proxy_learning" in p]
+    sweeps = pools[0]["proxy_learning"]
+    picks = sorted({0, len(sweeps) // 2, len(sweeps) - 1})
+
+    def cell(s: dict[str, Any]) -> str:
+        auc = "–" if s["noisy_vs_clean"] is None else f"{s['noisy_vs_clean']:.2f}"
+        return f"{s['clean_target_loss']:.2f} / {auc}"
+
+    header = ["seed", *(f"step {sweeps[i]['step']}" for i in picks), "clean other rows' loss (last)"]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for p in pools:
+        learning = p["proxy_learning"]
+        cells = [str(p["seed"]), *(cell(learning[i]) for i in picks), f"{learning[-1]['clean_other_loss']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
