@@ -459,11 +459,11 @@ def select_seed(
         **_subset_fields(stats),
         "record_seconds": round(record_seconds, 1),
     }
+    store = RunStore.for_output_dir(out / "proxy")
     if "less" in settings and "less" not in skipped:
-        store = RunStore.for_output_dir(out / "proxy")
         separation = less_separation(store, pool, data["targets"], config.target_task, settings["less"])
         pool_info["less_separation"] = separation
-    pool_info["proxy_learning"] = proxy_learning(RunStore.for_output_dir(out / "proxy"), pool, config.target_task)
+    pool_info["proxy_learning"] = proxy_learning(store, pool, config.target_task)
     return jobs, pool_info
 
 
@@ -1011,12 +1011,11 @@ def separation_table(result: dict[str, Any]) -> str:
 
     snapshots = pools[0]["less_separation"]["snapshots"]
     header = ["seed", "combined", *(f"step {s['step']} (w {s['weight']:.2f})" for s in snapshots)]
-    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-    for p in pools:
-        sep = p["less_separation"]
-        cells = [str(p["seed"]), cell(sep["combined"]), *(cell(s) for s in sep["snapshots"])]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [
+        [str(p["seed"]), cell(p["less_separation"]["combined"]), *map(cell, p["less_separation"]["snapshots"])]
+        for p in pools
+    ]
+    return _markdown(header, rows)
 
 
 def proxy_learning_table(result: dict[str, Any]) -> str:
@@ -1030,12 +1029,21 @@ def proxy_learning_table(result: dict[str, Any]) -> str:
         return f"{s['clean_target_loss']:.2f} / {auc}"
 
     header = ["seed", *(f"step {sweeps[i]['step']}" for i in picks), "clean other rows' loss (last)"]
+    rows = [
+        [
+            str(p["seed"]),
+            *(cell(p["proxy_learning"][i]) for i in picks),
+            f"{p['proxy_learning'][-1]['clean_other_loss']:.2f}",
+        ]
+        for p in pools
+    ]
+    return _markdown(header, rows)
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table of `header` and `rows` (cells already formatted)."""
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-    for p in pools:
-        learning = p["proxy_learning"]
-        cells = [str(p["seed"]), *(cell(learning[i]) for i in picks), f"{learning[-1]['clean_other_loss']:.2f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
 
 
 def goals_table(result: dict[str, Any]) -> str:
