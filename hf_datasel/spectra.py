@@ -171,11 +171,11 @@ def qkv_rows(config) -> dict[str, torch.Tensor]:
       `qkv.chunk(3, dim=-1)`: per head `[q_h | k_h | v_h]`.
     * phi3 — `Phi3Attention.forward`: `qkv[..., :query_pos]`, then `num_key_value_heads * head_dim`
       for k, the rest v (`query_pos = num_attention_heads * head_dim`): `[q | k | v]` with GQA sizes.
-    * falcon — `FalconAttention._split_heads`: with `new_decoder_architecture`,
-      `view(batch, seq_len, -1, num_heads // num_kv_heads + 2, head_dim)`, q = `[:, :, :, :-2]`,
-      k = `[-2]`, v = `[-1]`: per kv group `[q_1 … q_g | k | v]`; without it and without
-      `multi_query`, `view(..., num_heads, 3, head_dim)`: per head `[q_h | k_h | v_h]`; with
-      `multi_query`, `view(..., num_heads + 2, head_dim)`: `[q | k | v]` with one k and one v head.
+    * falcon — `FalconAttention.forward`: with `new_decoder_architecture`, `view(..., num_kv_heads, -1,
+      head_dim)`, q = `[..., :-2, :]`, k = `[..., -2, :]`, v = `[..., -1, :]`: per kv group
+      `[q_1 … q_g | k | v]`; without it and without `multi_query`, `unflatten(-2, (num_heads, 3))`: per
+      head `[q_h | k_h | v_h]`; with `multi_query`, `split([num_heads, 1, 1], dim=-2)`: `[q | k | v]` with
+      one k and one v head.
     * bloom — `BloomAttention._reshape`: `view(batch, seq_length, num_heads, 3, head_dim)`, q = `[..., 0, :]`:
       per head `[q_h | k_h | v_h]`.
     * gpt_bigcode — `GPTBigCodeAttention.forward`: with `multi_query`, `split((embed_dim, kv_dim, kv_dim))`,

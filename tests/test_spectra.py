@@ -295,7 +295,7 @@ def _qkv_rows_from_modeling_code(family: str, config) -> dict[str, torch.Tensor]
         query_pos, kv = heads * head, config.num_key_value_heads * head
         out = torch.arange(query_pos + 2 * kv)
         return {"q": out[:query_pos], "k": out[query_pos : query_pos + kv], "v": out[query_pos + kv :]}
-    if family == "falcon":  # _split_heads, new_decoder_architecture: view(b, t, -1, heads // kv + 2, head_dim)
+    if family == "falcon":  # FalconAttention.forward, new_decoder_architecture: per kv group [q_1 … q_g | k | v]
         assert config.new_decoder_architecture
         head, group = config.hidden_size // heads, heads // config.num_kv_heads
         out = torch.arange((heads + 2 * config.num_kv_heads) * head).view(-1, group + 2, head)
@@ -507,13 +507,21 @@ def test_trainer_model_with_checkpointing_comes_back_identical(tmp_path, tokeniz
 
 
 @pytest.mark.parametrize("new_decoder_architecture,multi_query", [(True, False), (False, False), (False, True)])
-def test_falcon_layouts_follow_split_heads(new_decoder_architecture, multi_query):
-    """All three Falcon layouts, read off `FalconAttention._split_heads` itself applied to output positions."""
-    from transformers import FalconConfig
+def test_falcon_layouts_follow_its_forward(new_decoder_architecture, multi_query):
+    """All three Falcon layouts, read off `FalconAttention.forward` itself: the fused weight outputs its own
+    positions (zero weight, bias = 0..width-1) and a registered attention function sees which land in q, k, v."""
+    from transformers import AttentionInterface, FalconConfig
     from transformers.models.falcon.modeling_falcon import FalconAttention
 
     from hf_datasel.spectra import qkv_rows
 
+    seen = {}
+
+    def probe(module, query, key, value, attention_mask, **kwargs):
+        seen.update(q=query, k=key, v=value)
+        return query.transpose(1, 2), None
+
+    AttentionInterface.register("hf_datasel_probe", probe)
     config = FalconConfig(
         vocab_size=16,
         hidden_size=32,
@@ -522,11 +530,17 @@ def test_falcon_layouts_follow_split_heads(new_decoder_architecture, multi_query
         num_hidden_layers=1,
         new_decoder_architecture=new_decoder_architecture,
         multi_query=multi_query,
+        alibi=True,  # no rotary embedding: q and k reach the attention function as the fused weight wrote them
+        bias=True,
     )
-    attention = FalconAttention(config, layer_idx=0)
+    config._attn_implementation = "hf_datasel_probe"
+    attention = FalconAttention(config, layer_idx=0).double()
     width = attention.query_key_value.out_features
-    split = attention._split_heads(torch.arange(width, dtype=torch.float64).view(1, 1, width))
+    with torch.no_grad():
+        attention.query_key_value.weight.zero_()
+        attention.query_key_value.bias.copy_(torch.arange(width, dtype=torch.float64))
+        attention(torch.zeros(1, 1, config.hidden_size, dtype=torch.float64), attention_mask=None)
     ours = qkv_rows(config)
     assert sum(len(r) for r in ours.values()) == width
-    for p, states in zip("qkv", split):
-        assert sorted(ours[p].tolist()) == sorted(states.unique().long().tolist()), p
+    for p in "qkv":
+        assert sorted(ours[p].tolist()) == sorted(seen[p].flatten().long().tolist()), p
