@@ -16,7 +16,7 @@ Layout of `<output_dir>/datasel/` (format 1):
     sweep.safetensors                steps (T,), row_id (N,), loss (T, N): every row's loss at each sweep step
     snapshots/step-000010.safetensors, index.json, model.json, model/, adapter/, tokenizer/
                                      trainable weights and Adam moments at chosen steps (SnapshotCallback)
-    features/<dataset key>/step-000010/<preconditioner>-<spec id>/meta.json, unit.npy, norms.npy
+    features/<dataset key>/step-000010/<preconditioner>-<spec id>/meta.json, unit.npy, norms.npy, loss.npy
                                      gradient features (see `featurize/features.py`; merge.lock while merging)
     spectra.safetensors              layer-wise gradient spectra (`hf-datasel spectral --run-dir`)
 

@@ -6,7 +6,7 @@
     python recipes/featurize_sharded.py --tiny --run_dir runs/tiny-warmup --preconditioner adam --k 64
 
 Writes `<run_dir>/datasel/features/<dataset key>/step-*/<preconditioner>-<spec>/` (unit.npy,
-norms.npy, meta.json): the cache that LESS, G2IS and Swift Study read. Each process computes a
+norms.npy, loss.npy, meta.json): the cache that LESS, G2IS and Swift Study read. Each process computes a
 contiguous range of the length-sorted batch plan on its own device; the shards are merged into
 one array in row order, so the result does not depend on the number of processes.
 """

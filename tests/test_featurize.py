@@ -231,6 +231,22 @@ def test_stored_exact_features_match_loop_and_mark_undefined_rows(tmp_path, toke
     rows = tokenize_rows(pool.select(range(10)), tokenizer, 32)
     ref = _loop_gradients(model, rows, tokenizer.pad_token_id, list(fs.spec.param_names)).numpy()
     np.testing.assert_allclose(fs.raw(np.arange(10)), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    with torch.no_grad():  # each row's stored loss is the loss the model gives it alone
+        losses = [model(**pad_batch([row], tokenizer.pad_token_id)).loss.item() for row in rows]
+    assert fs.loss.dtype == np.float32 and np.isnan(fs.loss[-1])
+    np.testing.assert_allclose(fs.loss[:10], losses, rtol=1e-5)
+
+
+def test_a_cache_written_without_losses_still_opens(tmp_path, tokenizer):
+    """Feature folders from before `loss.npy` was stored keep working; their `loss` is None."""
+    pool = make_pool(10, seed=4)
+    store, _ = make_snapshot_store(tmp_path, tokenizer, pool, steps=(3,))
+    (fs,) = gradient_features(store, pool, k=64, batch_size=4, progress=False)
+    assert fs.loss.shape == (10,) and np.isfinite(fs.loss).all()
+    (fs.path / "loss.npy").unlink()
+    (old,) = gradient_features(store, pool, k=64, batch_size=4, progress=False)
+    assert old.loss is None
+    np.testing.assert_array_equal(old.norms, fs.norms)
 
 
 _ORIGINAL_BATCH_FEATURES = features_module.Featurizer.batch_features
@@ -296,6 +312,22 @@ def test_interrupted_featurization_resumes_without_recomputing(tmp_path, tokeniz
     (full,) = gradient_features(RunStore(reference_store), pool, k=64, batch_size=8, progress=False)
     np.testing.assert_array_equal(np.asarray(resumed.unit), np.asarray(full.unit))
     np.testing.assert_array_equal(resumed.norms, full.norms)
+    np.testing.assert_array_equal(resumed.loss, full.loss)
+
+
+def test_an_unfinished_shard_of_an_older_version_is_started_over(tmp_path, tokenizer, monkeypatch):
+    """A shard interrupted before `loss.npy` existed has no loss file: its batches are recomputed, not kept
+    without losses."""
+    pool = make_pool(40, seed=6)
+    store, _ = make_snapshot_store(tmp_path, tokenizer, pool, steps=(2,))
+    _count_batches(monkeypatch, fail_after=3)
+    with pytest.raises(SimulatedInterruption):
+        gradient_features(store, pool, k=64, batch_size=8, progress=False)
+    (old_loss,) = store.path.rglob("shard-*/loss.npy")
+    old_loss.unlink()
+    counter = _count_batches(monkeypatch)
+    (resumed,) = gradient_features(store, pool, k=64, batch_size=8, progress=False)
+    assert counter["n"] == 5 and np.isfinite(resumed.loss).all()
 
 
 def test_a_failed_write_is_raised_and_no_batch_after_it_is_logged(tmp_path, tokenizer, monkeypatch):
@@ -366,6 +398,8 @@ def test_two_shard_merge_equals_single_run(tmp_path, tokenizer):
     for a, b in zip(merged, single):
         np.testing.assert_array_equal(np.asarray(a.unit), np.asarray(b.unit))
         np.testing.assert_array_equal(a.norms, b.norms)
+        np.testing.assert_array_equal(a.loss, b.loss)
+        assert np.isfinite(a.loss).all()
     assert not list(merged[0].path.glob("shard-*"))
 
 

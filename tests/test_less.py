@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ from datasets import Dataset
 
 from hf_datasel.featurize import FeatureSet, ProjectorSpec, SpecMismatchError, gradient_features
 from hf_datasel.methods import METHODS, SelectionContext
-from hf_datasel.methods.less import less_scores, select_less
+from hf_datasel.methods.less import less_scores, select_less, unlearnt_tasks
 from hf_datasel.synthetic import make_pool
 from tests.gradient_store import make_snapshot_store
 
@@ -110,6 +111,50 @@ def test_select_less_equals_independent_computation_from_exact_features(less_sto
     np.testing.assert_array_equal(sel.indices, np.sort(top))
     np.testing.assert_allclose(sel.scores, finite[sel.indices], rtol=1e-6)
     assert sel.params["steps"] == [2, 4] and set(sel.info["tasks"]) == {"add", "reverse"}
+
+
+def test_less_reports_the_models_loss_on_the_targets_at_every_snapshot(less_store, tokenizer):
+    """`info["snapshots"]` carries the snapshot model's mean loss on each task's targets and on the pool,
+    as the model itself computes it row by row."""
+    import torch
+
+    from hf_datasel.data import pad_batch, tokenize_rows
+    from hf_datasel.featurize import load_model, load_snapshot
+    from hf_datasel.featurize.snapshots import assign_snapshot
+
+    store, pool, targets = less_store
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sel = select_less(SelectionContext(store=store, dataset=pool, budget=5), targets, k=64, max_length=32)
+    warned = [str(w.message) for w in caught if "did not fall" in str(w.message)]
+    model = load_model(store).eval()
+    per_snapshot = []
+    # the pool's last row is truncated to no label token: no loss
+    target_rows, pool_rows = tokenize_rows(targets, tokenizer, 32), tokenize_rows(pool, tokenizer, 32)[:-1]
+
+    def loss(row):
+        with torch.no_grad():
+            return model(**pad_batch([row], tokenizer.pad_token_id)).loss.item()
+
+    tasks = np.asarray(targets["task"])
+    for snap in sel.info["snapshots"]:
+        assign_snapshot(model, load_snapshot(store, snap["step"]))
+        target_loss = np.array([loss(r) for r in target_rows])
+        expected = {task: target_loss[tasks == task].mean() for task in ("add", "reverse")}
+        assert snap["target_loss"] == pytest.approx(expected, rel=1e-5)
+        assert snap["train_loss"] == pytest.approx(np.mean([loss(r) for r in pool_rows]), rel=1e-5)
+        per_snapshot.append(expected)
+    unlearnt = [t for t in ("add", "reverse") if per_snapshot[-1][t] >= per_snapshot[0][t]]
+    assert unlearnt_tasks(sel.info) == unlearnt
+    assert len(warned) == bool(unlearnt) and all(str(unlearnt) in w for w in warned)
+
+
+def test_tasks_whose_target_loss_does_not_fall_are_named():
+    snaps = [{"target_loss": {"a": 2.0, "b": 1.0}}, {"target_loss": {"a": 1.5, "b": 1.0}}]
+    assert unlearnt_tasks({"snapshots": snaps}) == ["b"]
+    assert unlearnt_tasks({"snapshots": snaps[:1]}) == []  # one snapshot: nothing to compare
+    assert unlearnt_tasks({"snapshots": [{"step": 1}, {"step": 2}]}) == []  # a cache without losses
+    assert unlearnt_tasks({"snapshots": [snaps[0], {"target_loss": {"a": float("nan")}}]}) == ["a"]
 
 
 def test_select_less_refuses_budget_beyond_defined_rows(less_store):

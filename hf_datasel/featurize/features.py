@@ -6,7 +6,8 @@ Storage (one folder per dataset × snapshot × preconditioner × projector spec,
         meta.json      projector spec, step, learning rates, preconditioner, row count, complete flag
         unit.npy       (rows, k) float16 (spec.dtype) memory-mapped: each row's feature divided by its norm
         norms.npy      (rows,) float32: each row's feature norm
-        shard-*-of-*/  work folders of unfinished or sharded runs: unit/norms/rows.npy, progress.json (the
+        loss.npy       (rows,) float32: each row's loss at the snapshot (the one whose gradient the feature is)
+        shard-*-of-*/  work folders of unfinished or sharded runs: unit/norms/loss/rows.npy, progress.json (the
                        batch plan) and done.log (finished batch numbers, appended after the arrays are flushed)
 
 Row i of the arrays is row i of the dataset. Storing unit vectors and norms apart keeps fp16 away
@@ -59,6 +60,7 @@ Preconditioner = Literal["none", "adam", "adam_reference", "adam_factored"]
 PRECONDITIONERS = ("none", "adam", "adam_reference", "adam_factored")
 FEATURES_DIR = "features"
 DONE_LOG = "done.log"
+SHARD_ARRAYS = ("unit.npy", "norms.npy", "loss.npy")  # a shard's row files, in `_open_shard`'s order
 # A 2-D weight's gradient is sketched from its factors (never formed) when d0·d1 ≥ this × k·log2(k):
 # where the FFTs of the factored sketch cost less than forming the gradient (measured on CPU, see
 # `hf-datasel bench perf`).
@@ -390,6 +392,8 @@ class FeatureSet:
         step, lr, lr_mean: the snapshot's step, learning rate, and mean learning rate since the previous one.
         weight: lr_mean normalized over the snapshots returned together (set by `gradient_features`).
         preconditioner: "none", "adam", "adam_reference" or "adam_factored".
+        loss: (rows,) float32 each row's loss at the snapshot (NaN: no label token); None in a cache written
+            before the library stored it.
     """
 
     path: Path
@@ -402,6 +406,7 @@ class FeatureSet:
     norms: np.ndarray
     meta: dict[str, Any]
     weight: float = 1.0
+    loss: np.ndarray | None = None
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> FeatureSet:
@@ -412,9 +417,11 @@ class FeatureSet:
         spec = ProjectorSpec.from_dict(meta["spec"])
         unit = load_npy(path / "unit.npy", _redo(path), mmap_mode="r")
         norms = load_npy(path / "norms.npy", _redo(path))
+        loss = load_npy(path / "loss.npy", _redo(path)) if (path / "loss.npy").exists() else None
         n = meta["num_rows"]
-        for name, array, shape in (("unit.npy", unit, (n, spec.k)), ("norms.npy", norms, (n,))):
-            if array.shape != shape:  # a file of another run or version in this folder
+        arrays = [("unit.npy", unit, (n, spec.k)), ("norms.npy", norms, (n,)), ("loss.npy", loss, (n,))]
+        for name, array, shape in arrays:
+            if array is not None and array.shape != shape:  # a file of another run or version in this folder
                 raise broken_file(path / name, f"shape {array.shape}, meta.json says {shape}", _redo(path))
         return cls(
             path=path,
@@ -426,6 +433,7 @@ class FeatureSet:
             unit=unit,
             norms=norms,
             meta=meta,
+            loss=loss,
         )
 
     @property
@@ -499,19 +507,21 @@ class _RowFile:
         os.close(self._fd)
 
 
-def _open_shard(folder: Path, rows: np.ndarray, spec: ProjectorSpec, plan_info: dict) -> tuple[Any, Any, set[int]]:
-    """Open (or create) a shard's arrays; returns (unit, norms, done batch numbers)."""
+def _open_shard(
+    folder: Path, rows: np.ndarray, spec: ProjectorSpec, plan_info: dict
+) -> tuple[list[_RowFile], set[int]]:
+    """Open (or create) a shard's arrays; returns ([unit, norms, loss], done batch numbers)."""
     progress_path = folder / "progress.json"
     if progress_path.exists():
         try:  # a shard folder is scratch: one torn by a crash or a full disk is started over
             progress = read_json(progress_path, "")
             if progress.get("plan") == plan_info:
-                unit, norms = _RowFile(folder / "unit.npy"), _RowFile(folder / "norms.npy")
-                if unit.shape == (len(rows), spec.k) and norms.shape == (len(rows),):
-                    return unit, norms, _done_batches(folder)
-                unit.close()
-                norms.close()
-        except (StoreError, ValueError, OSError):
+                files = [_RowFile(folder / name) for name in SHARD_ARRAYS]
+                if [f.shape for f in files] == [(len(rows), spec.k), (len(rows),), (len(rows),)]:
+                    return files, _done_batches(folder)
+                for f in files:
+                    f.close()
+        except (StoreError, ValueError, OSError):  # (also a shard of an older version, without loss.npy)
             pass
         shutil.rmtree(folder)  # another batch plan, or torn: its batches are not ours to reuse
     folder.mkdir(parents=True, exist_ok=True)
@@ -520,10 +530,11 @@ def _open_shard(folder: Path, rows: np.ndarray, spec: ProjectorSpec, plan_info: 
         folder / "unit.npy", mode="w+", dtype=np.dtype(spec.dtype), shape=(len(rows), spec.k)
     )
     del unit
-    np.save(folder / "norms.npy", np.full(len(rows), np.nan, np.float32))
+    for name in SHARD_ARRAYS[1:]:
+        np.save(folder / name, np.full(len(rows), np.nan, np.float32))
     (folder / DONE_LOG).write_text("")
     write_json(progress_path, {"plan": plan_info})
-    return _RowFile(folder / "unit.npy"), _RowFile(folder / "norms.npy"), set()
+    return [_RowFile(folder / name) for name in SHARD_ARRAYS], set()
 
 
 def _done_batches(folder: Path) -> set[int]:
@@ -541,7 +552,10 @@ def _mark_done(folder: Path, batches: Sequence[int]) -> None:
         f.write("".join(f"{b}\n" for b in batches))  # a torn last line is ignored on reading
 
 
-def _write_batch(unit: _RowFile, norms: _RowFile, local: np.ndarray, feats: torch.Tensor, valid: torch.Tensor) -> None:
+def _write_batch(
+    files: list[_RowFile], local: np.ndarray, feats: torch.Tensor, loss: torch.Tensor, valid: torch.Tensor
+) -> None:
+    unit, norms, losses = files
     feats = feats.detach().float()
     norm = torch.linalg.vector_norm(feats, dim=1)
     ok = valid & torch.isfinite(norm)
@@ -550,6 +564,7 @@ def _write_batch(unit: _RowFile, norms: _RowFile, local: np.ndarray, feats: torc
     torch.div(feats, divisor[:, None], out=u)  # divided and cast in one pass, on the device
     unit.write(local, u.cpu().numpy())
     norms.write(local, torch.where(ok, norm, float("nan")).cpu().numpy())
+    losses.write(local, loss.detach().float().cpu().numpy())
 
 
 def featurize_rows(
@@ -574,7 +589,8 @@ def featurize_rows(
     Finished batches are appended to the shard's `done.log` after the arrays are flushed, every
     `flush_every` batches or `flush_bytes` of features (and at the end), so a rerun after an
     interruption (even `kill -9`) recomputes only the batches since the last flush, bit for bit.
-    When every shard is done, the shards are merged into `unit.npy`/`norms.npy` and `meta.json` is marked complete.
+    When every shard is done, the shards are merged into `unit.npy`/`norms.npy`/`loss.npy` and `meta.json` is
+    marked complete.
     Returns counts: `batches_computed`, `batches_skipped`, `merged` (0/1).
     """
     folder = Path(folder)
@@ -589,19 +605,19 @@ def featurize_rows(
         stats["batches_skipped"] = len(mine)
         return stats
     write_json(folder / "meta.json", {**meta, "complete": False, "num_rows": len(rows), "plan": plan_info})
-    unit, norms, done = _open_shard(work, shard_rows, featurizer.spec, plan_info)
+    files, done = _open_shard(work, shard_rows, featurizer.spec, plan_info)
     todo = [b for b in mine if b not in done]
     stats["batches_skipped"] = len(mine) - len(todo)
     desc = f"features @ step {meta.get('step')} ({meta.get('preconditioner')})"
     pending: list[int] = []  # written to the memmaps, not yet flushed and logged
     pending_bytes = 0
-    row_bytes = featurizer.spec.k * np.dtype(featurizer.spec.dtype).itemsize + 4
+    row_bytes = featurizer.spec.k * np.dtype(featurizer.spec.dtype).itemsize + 8
 
-    def flush(unit, norms) -> None:
+    def flush() -> None:
         nonlocal pending_bytes
         if pending:
-            unit.sync()
-            norms.sync()
+            for f in files:
+                f.sync()
             _mark_done(work, pending)  # only after the arrays: a lost line only means recomputing a batch
             done.update(pending)
             pending.clear()
@@ -614,26 +630,26 @@ def featurize_rows(
             batch = collate([rows[i] for i in positions])
             if padding_side == "left":
                 batch = to_left_padding(batch)
-            feats, _, valid = featurizer.batch_features(batch)
-            _write_batch(unit, norms, np.searchsorted(shard_rows, positions), feats, valid)
+            feats, loss, valid = featurizer.batch_features(batch)
+            _write_batch(files, np.searchsorted(shard_rows, positions), feats, loss, valid)
             pending.append(b)
             pending_bytes += len(positions) * row_bytes
             if len(pending) >= flush_every or pending_bytes >= flush_bytes:
-                flush(unit, norms)
+                flush()
             stats["batches_computed"] += 1
     finally:  # an exception or Ctrl-C keeps every finished batch; only a kill loses the unflushed ones
         try:
-            flush(unit, norms)
+            flush()
         finally:
-            unit.close()
-            norms.close()
+            for f in files:
+                f.close()
     if merge_shards(folder, raise_if_incomplete=False):
         stats["merged"] = 1
     return stats
 
 
 def merge_shards(folder: str | os.PathLike, raise_if_incomplete: bool = True) -> bool:
-    """Merge a feature folder's finished shards into `unit.npy`/`norms.npy` in row order; True when merged."""
+    """Merge a feature folder's finished shards into its row files (`SHARD_ARRAYS`) in row order; True when merged."""
     folder = Path(folder)
     meta = _read_meta(folder)
     if meta.get("complete"):
@@ -649,7 +665,7 @@ def merge_shards(folder: str | os.PathLike, raise_if_incomplete: bool = True) ->
         except StoreError:
             progress = None  # torn: that shard is not finished, and its next run starts it over
         expected = set(shard_batches(plan["num_batches"], i, num_shards))
-        arrays = (w / "unit.npy").exists() and (w / "norms.npy").exists()  # (a one-shard merge moves them)
+        arrays = all((w / name).exists() for name in SHARD_ARRAYS)  # (a one-shard merge moves them)
         if progress is None or progress["plan"] != plan or not arrays or not expected <= _done_batches(w):
             missing.append(i)
     if missing:
@@ -670,24 +686,30 @@ def _merge(folder: Path, meta: dict[str, Any], works: list[Path]) -> None:
     n = plan["num_rows"]
     if len(works) == 1 and len(np.load(works[0] / "rows.npy", mmap_mode="r")) == n:
         # one shard holds every row in row order already: move its files instead of copying them
-        os.replace(works[0] / "unit.npy", folder / "unit.npy")
-        os.replace(works[0] / "norms.npy", folder / "norms.npy")
+        for name in SHARD_ARRAYS:
+            os.replace(works[0] / name, folder / name)
         write_json(folder / "meta.json", {**meta, "complete": True})
         shutil.rmtree(works[0], ignore_errors=True)
         return
-    with atomic_path(folder / "unit.npy") as tmp_unit, atomic_path(folder / "norms.npy") as tmp_norms:
+    with (
+        atomic_path(folder / "unit.npy") as tmp_unit,
+        atomic_path(folder / "norms.npy") as tmp_norms,
+        atomic_path(folder / "loss.npy") as tmp_loss,
+    ):
         unit = np.lib.format.open_memmap(tmp_unit, mode="w+", dtype=np.dtype(spec.dtype), shape=(n, spec.k))
-        norms = np.full(n, np.nan, np.float32)
+        norms, loss = np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32)
         for w in works:
             rows = np.load(w / "rows.npy")
             part = np.load(w / "unit.npy", mmap_mode="r")
             for start in range(0, len(rows), 65536):
                 unit[rows[start : start + 65536]] = part[start : start + 65536]
             norms[rows] = np.load(w / "norms.npy")
+            loss[rows] = np.load(w / "loss.npy")
         unit.flush()
         del unit
-        with open(tmp_norms, "wb") as f:
-            np.save(f, norms)
+        for tmp, values in ((tmp_norms, norms), (tmp_loss, loss)):
+            with open(tmp, "wb") as f:
+                np.save(f, values)
     write_json(folder / "meta.json", {**meta, "complete": True})
     for w in works:
         shutil.rmtree(w, ignore_errors=True)

@@ -8,10 +8,14 @@ sum over snapshots. The `budget` highest-scoring rows are selected.
 Rows whose gradient is undefined (NaN: no label tokens, non-finite loss) or zero at any snapshot
 have no cosine; they are left out and counted in `info`, never given a made-up score. Target
 rows likewise drop out of their task's mean.
+
+`info["snapshots"]` also gives the model's mean loss on the training rows and on each task's target rows
+at every snapshot; a task whose target loss does not fall over the run is warned about.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -74,9 +78,36 @@ def less_scores(
         "target_rows_left_out": int((~target_ok).sum()),
         "target_rows_per_task": target_counts,
         "tasks_without_targets": [str(t) for t in tasks if t not in usable_tasks],
-        "snapshots": [{"step": t.step, "weight": t.weight, "lr_mean": t.lr_mean} for t in train],
+        "snapshots": [
+            {"step": tr.step, "weight": tr.weight, "lr_mean": tr.lr_mean, **_losses(tr, tg, members)}
+            for tr, tg in zip(train, targets)
+        ],
     }
     return score, per_task, tasks, info
+
+
+def _losses(train: FeatureSet, target: FeatureSet, members: dict) -> dict:
+    """The model's mean loss at a snapshot on the training rows and on each task's target rows (when stored).
+
+    Whether the target loss falls over the run says whether the warmup learnt the target tasks: a gradient
+    score cannot tell right answers from wrong ones in a task the model has not learnt.
+    """
+    if train.loss is None or target.loss is None:  # features cached before losses were stored
+        return {}
+    with np.errstate(all="ignore"):
+        return {
+            "train_loss": float(np.nanmean(train.loss)),
+            "target_loss": {str(t): float(np.nanmean(target.loss[m])) for t, m in members.items() if len(m)},
+        }
+
+
+def unlearnt_tasks(info: dict) -> list[str]:
+    """Target tasks whose mean loss at the last snapshot is not below the first's (needs two snapshots)."""
+    snaps = [s for s in info["snapshots"] if "target_loss" in s]
+    if len(snaps) < 2:
+        return []
+    first, last = snaps[0]["target_loss"], snaps[-1]["target_loss"]
+    return [t for t in last if t in first and not last[t] < first[t]]
 
 
 def select_less(
@@ -141,6 +172,14 @@ def select_less(
     info["tasks"] = [str(t) for t in task_names] if has_tasks else []
     info["selected_per_best_task"] = {str(t): int(np.sum(best == t)) for t in task_names} if has_tasks else {}
     info["spec"] = train[0].spec.to_dict() | {"param_names": len(train[0].spec.param_names)}
+    unlearnt = unlearnt_tasks(info)
+    if unlearnt:
+        warnings.warn(
+            f"less: the recorded model's loss on the target rows of {unlearnt} did not fall between the first and "
+            "the last snapshot (Selection.info['snapshots']): it has not learnt those tasks, so their gradients "
+            "cannot tell right answers from wrong ones; warm up longer or on rows closer to the targets",
+            stacklevel=2,
+        )
     return Selection(
         indices=chosen,
         scores=score[chosen],
