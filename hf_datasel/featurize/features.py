@@ -28,7 +28,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -691,24 +691,21 @@ def _merge(folder: Path, meta: dict[str, Any], works: list[Path]) -> None:
         write_json(folder / "meta.json", {**meta, "complete": True})
         shutil.rmtree(works[0], ignore_errors=True)
         return
-    with (
-        atomic_path(folder / "unit.npy") as tmp_unit,
-        atomic_path(folder / "norms.npy") as tmp_norms,
-        atomic_path(folder / "loss.npy") as tmp_loss,
-    ):
-        unit = np.lib.format.open_memmap(tmp_unit, mode="w+", dtype=np.dtype(spec.dtype), shape=(n, spec.k))
-        norms, loss = np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32)
+    with ExitStack() as stack:
+        tmp = {name: stack.enter_context(atomic_path(folder / name)) for name in SHARD_ARRAYS}
+        unit = np.lib.format.open_memmap(tmp["unit.npy"], mode="w+", dtype=np.dtype(spec.dtype), shape=(n, spec.k))
+        per_row = {name: np.full(n, np.nan, np.float32) for name in SHARD_ARRAYS[1:]}  # norms, losses
         for w in works:
             rows = np.load(w / "rows.npy")
             part = np.load(w / "unit.npy", mmap_mode="r")
             for start in range(0, len(rows), 65536):
                 unit[rows[start : start + 65536]] = part[start : start + 65536]
-            norms[rows] = np.load(w / "norms.npy")
-            loss[rows] = np.load(w / "loss.npy")
+            for name, values in per_row.items():
+                values[rows] = np.load(w / name)
         unit.flush()
         del unit
-        for tmp, values in ((tmp_norms, norms), (tmp_loss, loss)):
-            with open(tmp, "wb") as f:
+        for name, values in per_row.items():
+            with open(tmp[name], "wb") as f:
                 np.save(f, values)
     write_json(folder / "meta.json", {**meta, "complete": True})
     for w in works:

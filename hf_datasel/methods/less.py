@@ -89,8 +89,8 @@ def less_scores(
 def _losses(train: FeatureSet, target: FeatureSet, members: dict) -> dict:
     """The model's mean loss at a snapshot on the training rows and on each task's target rows (when stored).
 
-    Whether the target loss falls over the run says whether the warmup learnt the target tasks: a gradient
-    score cannot tell right answers from wrong ones in a task the model has not learnt.
+    They say whether the warmup learnt the target tasks (`unlearnt_tasks`): a gradient score cannot tell right
+    answers from wrong ones in a task the model has not learnt.
     """
     if train.loss is None or target.loss is None:  # features cached before losses were stored
         return {}
@@ -111,9 +111,9 @@ def unlearnt_tasks(info: dict) -> list[str]:
     snaps = [s for s in info["snapshots"] if "target_loss" in s]
     if not snaps:
         return []
-    first, last = snaps[0]["target_loss"], snaps[-1]["target_loss"]
-    fell = {t: len(snaps) < 2 or (t in first and last[t] < first[t]) for t in last}
-    return [t for t in last if not fell[t] or not last[t] < snaps[-1]["train_loss"]]
+    first, last, pool = snaps[0]["target_loss"], snaps[-1]["target_loss"], snaps[-1]["train_loss"]
+    fell = {t: len(snaps) < 2 or loss < first.get(t, np.nan) for t, loss in last.items()}
+    return [t for t, loss in last.items() if not (fell[t] and loss < pool)]
 
 
 def select_less(
