@@ -135,8 +135,11 @@ def test_per_sample_gradients_equal_one_row_autograd(tokenizer, family_rows, fam
         ("llama", {"target_modules": ["q_proj"], "modules_to_save": ["lm_head", "embed_tokens"]}, "modules_to_save"),
         ("gpt2", {"target_modules": ["c_attn", "c_proj"], "use_rslora": True, "bias": "lora_only"}, "bias"),
         ("gpt2", {"target_modules": ["c_attn"], "fan_in_fan_out": True}, "lora_A"),
-        ("llama", {"ia3": True, "target_modules": ["k_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
-         "ia3_l"),
+        (
+            "llama",
+            {"ia3": True, "target_modules": ["k_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
+            "ia3_l",
+        ),
     ],
     ids=["dora", "lora-on-embeddings", "modules-to-save", "rslora-bias", "conv1d-fan-in-fan-out", "ia3"],
 )
