@@ -236,6 +236,26 @@ def test_perf_scoring_parts_on_small_inputs(tmp_path):
     assert result["parts"]["less_scoring"]["feature_files_mib"] == pytest.approx(2 * 2000 * 16 * 2 / 2**20)
 
 
+def test_perf_update_keeps_earlier_parts_with_when_and_where_they_were_measured(tmp_path):
+    """`--update` reruns some parts into an existing result: the others keep their numbers, their time and their
+    machine (the top-level machine is the new run's, which may be another one)."""
+    out = tmp_path / "perf.json"
+    small = dict(rows=200, trajectory_length=4, num_clusters=4, dims=8, snapshots=1, target_rows=2)
+    run_perf(PerfConfig(parts=("s2l_kmeans",), workdir=str(tmp_path), **small), out=out, log=lambda *a: None)
+    earlier = json.loads(out.read_text())
+    earlier["machine"]["cpu_model"] = "the earlier machine"
+    out.write_text(json.dumps(earlier))
+    run_perf(
+        PerfConfig(parts=("less_scoring",), workdir=str(tmp_path), **small), out=out, log=lambda *a: None, update=True
+    )
+    merged = json.loads(out.read_text())
+    assert set(merged["parts"]) == {"s2l_kmeans", "less_scoring"}
+    kept = merged["parts"]["s2l_kmeans"]
+    assert {k: v for k, v in kept.items() if k not in ("measured", "machine")} == earlier["parts"]["s2l_kmeans"]
+    assert kept["measured"] == earlier["created"] and kept["machine"]["cpu_model"] == "the earlier machine"
+    assert merged["machine"]["cpu_model"] != "the earlier machine" and "machine" not in merged["parts"]["less_scoring"]
+
+
 def test_perf_lm_head_part_compares_the_same_gradients(tmp_path):
     config = PerfConfig(
         lm_head_vocab=300, lm_head_tokens=16, lm_head_batch=2, lm_head_batches=1, lm_head_rounds=1,

@@ -74,6 +74,7 @@ import numpy as np
 import torch
 
 from ..store import write_json
+from .recorder import device_name
 
 PART = "featurize-vs-peers"
 TRAIN_PASS = "train pass"  # the family of the end-to-end calls' reference
@@ -126,22 +127,6 @@ class Method:
 
 
 # -- environment ------------------------------------------------------------------------------
-
-
-def device_name(device: torch.device) -> str:
-    """The CUDA device's name, or the CPU model from /proc/cpuinfo."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def bergson_version() -> str | None:

@@ -514,7 +514,8 @@ def run_perf(
         earlier = json.loads(Path(out).read_text())
         for part, value in earlier.get("parts", {}).items():
             if part not in parts:
-                value.setdefault("measured", earlier.get("created"))
+                if "measured" not in value:  # measured by the earlier run itself, on its machine
+                    value.update(measured=earlier.get("created"), machine=earlier.get("machine"))
                 result["parts"] = {**{part: value}, **result["parts"]}
         result["parts"] = {p: result["parts"][p] for p in PARTS if p in result["parts"]}
         result["settings"]["parts"] = list(result["parts"])
