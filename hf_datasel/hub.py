@@ -232,6 +232,7 @@ def card_metadata(record: SelectionRecord, subset: Dataset, source_dataset: str 
         "training": _plain(manifest.get("training")),
         "library": {"name": "hf_datasel", "version": __version__, "versions": library_versions()},
         "scores": score_statistics(selection.scores),
+        "warnings": list(selection.warnings),
         "num_rows": len(subset),
         "columns": list(subset.column_names),
     }
@@ -274,6 +275,8 @@ def render_card(
             "the method uses them).",
             "",
         ]
+    if meta["warnings"]:  # what the method itself found doubtful about this selection
+        lines += ["## Caveats", "", *[f"* {w}" for w in meta["warnings"]], ""]
     lines += ["## Parameters", "", "| parameter | value |", "|---|---|"]
     lines += [f"| {k} | `{v}` |" for k, v in sorted(meta["parameters"].items())] or ["| (none) | |"]
     lines += [f"| budget | {budget['rows']} rows (requested: `{budget['requested']}`) |", ""]

@@ -89,6 +89,21 @@ def test_card_describes_the_selection_that_made_the_subset(selector):
         find_record(selector, selector.dataset.select(range(10)).map(lambda r: {"task": "x"}))
 
 
+def test_a_selections_warnings_are_on_its_card(tmp_path, selector):
+    """What a method warned about when it chose the rows (e.g. LESS: the warmup never learnt a target task) travels
+    with the subset: listed under "Caveats" in the card's body and in its YAML; a card without any has neither."""
+    subset = selector.select("random", budget=10, seed=1)
+    plain = DatasetCard.load(selector.save_selection(subset, tmp_path / "plain") / "README.md")
+    assert plain.data.to_dict()["datasel"]["warnings"] == [] and "## Caveats" not in plain.text
+    record = find_record(selector, subset)
+    caveat = "less: the recorded model's loss on the target rows of ['val'] did not fall over the run"
+    record.selection.warnings.append(caveat)  # as `select_less` leaves it when the targets were not learnt
+    card = DatasetCard.load(selector.save_selection(subset, tmp_path / "warned") / "README.md")
+    assert card.data.to_dict()["datasel"]["warnings"] == [caveat]
+    body = card.text.split("## Caveats", 1)[1]
+    assert body.lstrip().startswith(f"* {caveat}") and body.index(caveat) < body.index("## Parameters")
+
+
 def test_cards_name_the_model_not_a_local_path(tmp_path, pool):
     store = write_fake_store(tmp_path / "run", pool)
     local = tmp_path / "runs" / "demo" / "proxy-init"

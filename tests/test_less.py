@@ -148,6 +148,7 @@ def test_less_reports_the_models_loss_on_the_targets_at_every_snapshot(less_stor
     unlearnt = [t for t in ("add", "reverse") if not per_snapshot[-1][t] < min(per_snapshot[0][t], pool_losses[-1])]
     assert unlearnt_tasks(sel.info) == unlearnt
     assert len(warned) == bool(unlearnt) and all(str(unlearnt) in w for w in warned)
+    assert sel.warnings == warned  # kept with the selection: its dataset card lists them
 
 
 def test_tasks_the_model_has_not_learnt_are_named():

@@ -26,6 +26,7 @@ class Selection:
     params: dict[str, Any]
     scores: np.ndarray | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # what a user of the subset should know (also on its card)
 
     def __post_init__(self):
         order = np.argsort(self.indices, kind="stable")

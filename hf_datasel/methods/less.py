@@ -178,15 +178,17 @@ def select_less(
     info["tasks"] = [str(t) for t in task_names] if has_tasks else []
     info["selected_per_best_task"] = {str(t): int(np.sum(best == t)) for t in task_names} if has_tasks else {}
     info["spec"] = train[0].spec.to_dict() | {"param_names": len(train[0].spec.param_names)}
+    caveats = []
     unlearnt = unlearnt_tasks(info)
     if unlearnt:
-        warnings.warn(
+        caveats.append(
             f"less: the recorded model's loss on the target rows of {unlearnt} did not fall over the run, or ends "
             "at or above its loss on the pool (Selection.info['snapshots']): it has likely not learnt those tasks, "
             "so their gradients may not tell right answers from wrong ones; warm up longer or on rows closer to "
-            "the targets",
-            stacklevel=2,
+            "the targets"
         )
+    for caveat in caveats:
+        warnings.warn(caveat, stacklevel=2)
     return Selection(
         indices=chosen,
         scores=score[chosen],
@@ -206,4 +208,5 @@ def select_less(
             "formatting_func": function_name(formatting_func),
         },
         info=info,
+        warnings=caveats,
     )
