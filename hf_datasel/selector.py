@@ -186,6 +186,11 @@ class DataSelector:
         selection = fn(ctx, **params)
         if len(selection.indices) > count:
             raise AssertionError(f"method {method!r} returned {len(selection.indices)} rows for a budget of {count}")
+        if self.unrecorded is not None and self.unrecorded.any():
+            selection.warnings.append(
+                f"{int(self.unrecorded.sum())} of the dataset's {len(self.dataset)} rows did not match the recording "
+                "run's rows and counted as never recorded (allow_unrecorded_rows=True)"
+            )
         self.history.append(
             SelectionRecord(
                 selection=selection,

@@ -283,6 +283,8 @@ def test_end_to_end_through_selector(tmp_path, tokenizer):
     np.testing.assert_array_equal(sel.indices, by_name.indices)
     assert sel.params["targets"] == ["add", "reverse"] and sel.params["steps"] == [2, 4]
     assert len(sel.indices) + sel.info["shortfall"] == 8
+    assert len(sel.warnings) == bool(sel.info["shortfall"])  # the shortfall warning stays with the selection
+    assert all(f"g2is chose {len(sel.indices)} of 8 rows" in w for w in sel.warnings)
     assert sum(c["budget"] for c in sel.info["components"]) == 8
     assert {c["task"] for c in sel.info["components"]} == {"add", "reverse"}
     assert len(subset) == 8 and subset.column_names == pool.column_names

@@ -151,8 +151,14 @@ def test_allowed_unrecorded_rows_are_never_given_a_recorded_loss(recorded, caplo
     appended = concatenate_datasets([edited, Dataset.from_dict({"prompt": ["new"], "completion": ["row"]})])
     selector = DataSelector.from_run(out, dataset=appended, allow_unrecorded_rows=True)
     assert "2 row(s) count as never recorded" in caplog.text
-    chosen = selector.run("loss", budget=18, which="highest").indices
+    selection = selector.run("loss", budget=18, which="highest")
+    chosen = selection.indices
     assert 7 not in chosen and 20 not in chosen and 3 not in chosen  # changed, appended, NaN loss
+    assert selection.warnings == [  # on the subset's card too
+        "2 of the dataset's 21 rows did not match the recording run's rows and counted as never recorded "
+        "(allow_unrecorded_rows=True)"
+    ]
+    assert DataSelector.from_run(out, dataset=dataset).run("loss", budget=3).warnings == []
     with pytest.raises(ValueError, match="the 18 rows"):
         selector.run("loss", budget=19)
     assert len(selector.select("random", 1.0)) == 21  # methods without records may still pick any row

@@ -784,12 +784,14 @@ def select_g2is(
         signed_consistency=signed_consistency,
     )
     info = {**describe(result, names), **feature_info}
+    caveats = []
     if info["shortfall"]:
-        warnings.warn(
+        caveats.append(
             f"g2is chose {len(result.walk.indices)} of {ctx.budget} rows: no remaining row fits the conflict and "
-            "consistency rules (see Selection.info['components']).",
-            stacklevel=2,
+            "consistency rules (see Selection.info['components'])."
         )
+    for caveat in caveats:
+        warnings.warn(caveat, stacklevel=2)
     return Selection(
         indices=result.walk.indices,
         scores=result.walk.alignment,
@@ -817,4 +819,5 @@ def select_g2is(
             "formatting_func": function_name(formatting_func),
         },
         info=info,
+        warnings=caveats,
     )
