@@ -18,6 +18,7 @@ import os
 import shlex
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -366,10 +367,16 @@ def select(
                 raise ValueError(f"method {method!r} takes no --formatting-func (it reads no rows' text)")
             params["formatting_func"] = _formatting_func(formatting_func)
         selector = DataSelector.from_run(run_dir, dataset=raw, allow_unrecorded_rows=allow_unrecorded_rows)
-        with console.status(f"selecting with {method}…"):
+        with console.status(f"selecting with {method}…"), warnings.catch_warnings(record=True) as raised:
             subset = selector.select(method, budget=count, seed=seed, with_scores=with_scores, **params)
+        caveats = selector.last.selection.warnings
+        for w in raised:  # the method's own caveats are said once, below; anything else as Python shows it
+            if str(w.message) not in caveats:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         selector.save_selection(subset, out, source_dataset=source_name or Path(dataset).name)
     typer.echo(f"{method}: {len(subset)} of {len(raw)} rows -> {out}")
+    for caveat in caveats:  # also under "Caveats" on the dataset card
+        typer.echo(f"warning: {' '.join(caveat.split())}", err=True)
 
 
 # -- swift --------------------------------------------------------------------------------------------

@@ -319,8 +319,34 @@ def test_rows_appended_after_recording_are_refused_unless_allowed(run, pool):
     allowed = invoke(*common, "-o", run / "allowed", "--allow-unrecorded-rows")
     assert allowed.exit_code == 0, allowed.output
     assert "warning: " in allowed.stderr and "1 row(s) count as never recorded" in allowed.stderr
+    caveat = "1 of the dataset's 97 rows did not match the recording run's rows and counted as never recorded"
+    assert f"warning: {caveat}" in allowed.stderr  # the selection's caveat, said once and kept on its card
+    assert allowed.stderr.count(caveat) == 1 and caveat in (run / "allowed" / "README.md").read_text()
     loss = invoke(*common[:3], "-m", "loss", "-b", "97", "-o", run / "loss", "--allow-unrecorded-rows")
     assert_user_error(loss, "96 rows")  # the appended row has no loss: loss-based methods cannot pick it
+
+
+def test_a_methods_caveat_is_said_once_and_other_warnings_still_show(run, monkeypatch):
+    """A caveat a method both raises and keeps (as LESS does for targets the warmup never learnt) is one
+    `warning:` line after the result; a warning that is not a caveat still reaches stderr as Python shows it."""
+    import warnings
+
+    from hf_datasel.methods import METHODS, Selection
+
+    caveat = "doubtful: the warmup never learnt task 'x'"
+
+    def doubtful(ctx):
+        warnings.warn(caveat, stacklevel=2)
+        warnings.warn("something else entirely", RuntimeWarning, stacklevel=2)
+        return Selection(indices=list(range(ctx.budget)), method="doubtful", params={}, warnings=[caveat])
+
+    monkeypatch.setitem(METHODS, "doubtful", doubtful)
+    with pytest.warns(RuntimeWarning, match="something else entirely") as other:  # (not the caveat)
+        result = invoke("select", run / "run", run / "pool.jsonl", "-m", "doubtful", "-b", "4", "-o", run / "out")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count(caveat) == 1 and f"warning: {caveat}" in result.stderr
+    assert [str(w.message) for w in other] == ["something else entirely"]
+    assert caveat in (run / "out" / "README.md").read_text()
 
 
 @pytest.mark.parametrize(("flag", "unseen"), [([], "unseen"), (["--no-unseen"], None)])
