@@ -10,13 +10,13 @@ swapped): a model fine-tuned on the whole mix mixes the two up, as real mixes hu
 
 `make_family_mix` adds near-duplicates (a row repeated, exactly or with one letter changed and
 the answer recomputed) and plausible wrong answers (two answer letters swapped, or a letter of
-the prompt in place of the right one). `pretrain_corpus` is the large model's pretraining text:
-letter sequences followed by a digit and the result of a *single-position* (or whole-word) rule,
-no keyword, no `=`, no pair rules — it teaches letters and positions, not the pool's tasks.
+the prompt in place of the right one; a digit answer becomes another prompt letter's digit).
+The bases the benchmark fine-tunes are pretrained on `hf_datasel.synthetic.tasks.generic_corpus`,
+which holds none of these rows.
 
-Two families: `BENCH` (calibrated on, target `fl`) and `UNSEEN` (other tasks, lengths, shares and
-target `sl`; never used for calibration): the same code path, for checking that a result holds
-on pools the benchmark has never seen. Everything is a pure function of the seed.
+Two families: `BENCH` (calibrated on, target `val`) and `UNSEEN` (other tasks, lengths, shares and
+target `vf`; its settings were never chosen on it): the same code path, for checking that a result
+holds on pools the benchmark has never seen. Everything is a pure function of the seed.
 """
 
 from __future__ import annotations
@@ -202,25 +202,3 @@ def make_family_mix(
         rows["prompt"][i], rows["completion"][i] = _prompt(task, letters), " ".join(answer)
         rows["task"][i], rows["is_noisy"][i], rows["is_duplicate"][i] = task, noisy, True
     return Dataset.from_dict(rows)
-
-
-PRETRAIN_RULES: tuple[Rule, ...] = (("all",), ("rev",), (0,), (1,), (2,), (-1,), (-2,), ("top",), ("bot",))
-"""Rules of the pretraining text: one position or the whole word, never a pair (the pools' pair tasks are new)."""
-
-
-def pretrain_corpus(num_rows: int = 8000, seed: int = 0, lengths: tuple[int, int] = (3, 6)) -> list[str]:
-    """Pretraining lines: 2–3 pieces `<letters> <digit> <result>`, the digit naming one of `PRETRAIN_RULES`.
-
-    No task keyword, no `=`, no pair rule: the base learns letters, positions and the digit → rule
-    habit; fine-tuning then teaches the pool's keywords and the pair tasks.
-    """
-    rng = random.Random(seed + 30_000)
-    lines = []
-    for _ in range(num_rows):
-        pieces = []
-        for _ in range(rng.randint(2, 3)):
-            letters = [rng.choice(LETTERS) for _ in range(rng.randint(*lengths))]
-            k = rng.randrange(len(PRETRAIN_RULES))
-            pieces.append(f"{' '.join(letters)} {k} {' '.join(apply_rule(PRETRAIN_RULES[k], letters))}")
-        lines.append(" ".join(pieces))
-    return lines
