@@ -106,7 +106,15 @@ from ..record.snapshot import SnapshotCallback
 from ..rows import with_row_ids
 from ..selector import DataSelector, resolve_budget
 from ..store import SWEEP_KEYS, RunStore, library_versions, write_json
-from ..synthetic import LARGE, PROXY, build_model, build_tokenizer, tiny_sft_config, without_log_prints
+from ..synthetic import (
+    LARGE,
+    PROXY,
+    build_model,
+    build_tokenizer,
+    quiet_checkpoint_rotation,
+    tiny_sft_config,
+    without_log_prints,
+)
 from ..synthetic.mix import FAMILIES, make_family_mix, make_family_rows
 from ..synthetic.tasks import generic_corpus
 from .peers import code_version
@@ -336,7 +344,8 @@ def record_proxy(config: QualityConfig, pool: Dataset, seed: int, out: Path):
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=with_row_ids(pool), processing_class=tokenizer, callbacks=callbacks
     )
-    without_log_prints(trainer).train()
+    with quiet_checkpoint_rotation():  # its checkpoints come less than a second apart
+        without_log_prints(trainer).train()
     callbacks[0].detach()
     return trainer.model, tokenizer, used
 

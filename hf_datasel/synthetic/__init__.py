@@ -2,7 +2,7 @@
 
 from .models import LARGE, PROXY, TinyLlamaSpec, build_chat_tokenizer, build_model, build_tokenizer, save_and_reload
 from .tasks import TASKS, make_pool
-from .training import tiny_sft_config, without_log_prints
+from .training import quiet_checkpoint_rotation, tiny_sft_config, without_log_prints
 
 __all__ = [
     "LARGE",
@@ -16,4 +16,5 @@ __all__ = [
     "save_and_reload",
     "tiny_sft_config",
     "without_log_prints",
+    "quiet_checkpoint_rotation",
 ]

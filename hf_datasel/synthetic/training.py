@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from transformers import PrinterCallback, Trainer
+from transformers.utils import logging as hf_logging
 from trl import SFTConfig
 
 # transformers 5.24 renamed `gradient_checkpointing` to `activation_checkpointing` (the old name warns);
@@ -46,3 +49,20 @@ def without_log_prints(trainer: Trainer) -> Trainer:
     summary would land in the demo's and the benchmarks' own output)."""
     trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+@contextmanager
+def quiet_checkpoint_rotation() -> Iterator[None]:
+    """Within the block, transformers' checkpoint rotation does not warn that mtimes are unreliable.
+
+    The tiny runs save checkpoints less than a second apart, which that check takes for a filesystem
+    without mtimes; it then orders them by step number, which is right, so the warning is only noise
+    in the demo's and the benchmarks' output.
+    """
+    logger = hf_logging.get_logger("transformers.trainer_utils")
+    level = logger.level
+    logger.setLevel(hf_logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
