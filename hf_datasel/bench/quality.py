@@ -62,10 +62,12 @@ proxy takes 80 / 46 / 46; 10 proxy epochs 54 / 58 / 49 (its loss tells wrong `vf
 better, AUC 0.94 / 0.87 / 0.61, but LESS then takes 60–63 `vf` rows on every seed, default 100 / 58 / 56);
 proxy rate 1e-2 70 / 85 / 78 with 15–25 % noisy rows, and on own pools 88 / 83 / 54 clean `val` rows with
 6–17 % noisy (default: 98 / 70 / 49, 0–16 %): more target rows, more wrong ones; a proxy of the large
-model's size (char tokenizer, its own base) 61 on seed 100. None makes LESS keep the target's clean rows on
-every seed. Fixed epochs at batch size 4 instead of 16 (own seed 0): 100 oracle rows get 75 steps and 0.31
-target EM (batch 2: 150 steps, 0.64) while the full pool gets 1 500 steps and 0.93, so the paper's "5 %
-beats the full pool" only moves further away when the subset gets more steps this way.
+model's size (char tokenizer, its own base) 61 on seed 100. A LoRA proxy (r = 16 on every projection of the
+pretrained proxy, LESS's own warmup form): 58 / 70 / 56, and on own pools 72 / 70 / 76 with 12–24 % noisy
+rows. None makes LESS keep the target's clean rows on every seed. Fixed epochs at batch size 4 instead of 16
+(own seed 0): 100 oracle rows get 75 steps and 0.31 target EM (batch 2: 150 steps, 0.64) while the full pool
+gets 1 500 steps and 0.93, so the paper's "5 % beats the full pool" only moves further away when the subset
+gets more steps this way.
 
 Every training runs single-threaded (two torch threads per process on a busy 2-core machine ran
 10× slower than one). The numbers, per-seed runs and their mean/std over seeds go to
