@@ -349,8 +349,15 @@ def test_a_methods_caveat_is_said_once_and_other_warnings_still_show(run, monkey
     assert caveat in (run / "out" / "README.md").read_text()
 
 
-@pytest.mark.parametrize(("flag", "unseen"), [([], "unseen"), (["--no-unseen"], None)])
-def test_bench_quality_flags_reach_its_config(monkeypatch, flag, unseen):
+@pytest.mark.parametrize(
+    ("flag", "family", "unseen"),
+    [
+        ([], "bench", "unseen"),
+        (["--no-unseen"], "bench", None),
+        (["--family", "heldout", "--unseen-family", "bench"], "heldout", "bench"),
+    ],
+)
+def test_bench_quality_flags_reach_its_config(monkeypatch, flag, family, unseen):
     """`bench quality` passes its options to the benchmark's config (the run itself is the bench's test)."""
     import hf_datasel.bench.quality as quality
 
@@ -361,3 +368,13 @@ def test_bench_quality_flags_reach_its_config(monkeypatch, flag, unseen):
     assert result.exit_code == 0, result.output
     (config,) = seen
     assert config.unseen == unseen and config.seeds == (7,) and config.variants == ("less",)
+    assert config.family == family
+    # the module's own entry point takes the same choices
+    main_flags = [f.replace("--unseen-family", "--unseen") for f in flag]
+    quality.main(["--seeds", "7", "--variants", "less", *main_flags])
+    assert (seen[1].family, seen[1].unseen, seen[1].seeds) == (family, unseen, (7,))
+
+
+def test_bench_quality_refuses_an_unknown_family():
+    result = invoke("bench", "quality", "--family", "nope")
+    assert result.exit_code != 0 and "heldout" in result.output + result.stderr

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from hf_datasel.synthetic.mix import BENCH, FAMILIES, UNSEEN, MixFamily, make_family_mix, make_family_rows
+from hf_datasel.synthetic.mix import (
+    BENCH,
+    FAMILIES,
+    HELDOUT,
+    UNSEEN,
+    MixFamily,
+    make_family_mix,
+    make_family_rows,
+)
 
 # the rules written out again, independently of `apply_rule`
 BY_HAND = {
@@ -20,6 +28,7 @@ BY_HAND = {
     "lf": lambda w: w[-1] + w[0],
     "val": lambda w: "abcdefghij".index(w[-1]),
     "vf": lambda w: "abcdefghij".index(w[0]),
+    "vs": lambda w: "abcdefghij".index(w[1]),
 }
 
 
@@ -38,7 +47,7 @@ def test_worked_examples():
     assert _right_answer("val c a j=") == "9" and _right_answer("fl c a j=") == "c j"
 
 
-@pytest.mark.parametrize("family", [BENCH, UNSEEN], ids=lambda f: f.name)
+@pytest.mark.parametrize("family", [BENCH, UNSEEN, HELDOUT], ids=lambda f: f.name)
 def test_pool_answers_noise_and_duplicates(family: MixFamily):
     pool = make_family_mix(family, 3000, noise=0.2, duplicates=0.15, seed=5)
     assert make_family_mix(family, 3000, noise=0.2, duplicates=0.15, seed=5)["prompt"] == pool["prompt"]
@@ -59,7 +68,8 @@ def test_pool_answers_noise_and_duplicates(family: MixFamily):
 
 
 def test_families_are_different_and_checked():
-    assert set(FAMILIES) == {"bench", "unseen"} and BENCH.target != UNSEEN.target
+    assert set(FAMILIES) == {"bench", "unseen", "heldout"}
+    assert len({f.target for f in FAMILIES.values()}) == len(FAMILIES)
     with pytest.raises(ValueError, match="different tasks"):
         MixFamily("x", rules={"cp": ("all",)}, mix={"rev": 1.0}, target="cp", conflict="cp")
     with pytest.raises(ValueError, match="target"):

@@ -39,9 +39,16 @@ def quality(
     output_dir: str = typer.Option(None, help="Where the recorded runs go (default runs/bench/quality)."),
     results_dir: str = typer.Option("docs/bench", help="Where quality.json, quality.png and quality.md go."),
     unseen: bool = typer.Option(True, help="Also run the unseen pool family (never used to choose a setting)."),
+    family: str = typer.Option("bench", help="Pool family the settings run on (bench, unseen, heldout)."),
+    unseen_family: str = typer.Option("unseen", help="Pool family checked on other seeds."),
 ) -> None:
     """Fine-tune a pretrained larger model on each method's 1-30 % subsets, the oracle and the full pool."""
+    from ..synthetic.mix import FAMILIES
     from .quality import PROTOCOLS, QualityConfig, markdown_table, run_quality
+
+    for hint, name in (("--family", family), ("--unseen-family", unseen_family)):
+        if name not in FAMILIES:
+            raise typer.BadParameter(f"pool families are {sorted(FAMILIES)}, not {name!r}", param_hint=hint)
 
     if mode not in ("quick", "full"):
         raise typer.BadParameter("mode must be 'quick' or 'full'", param_hint="--mode")
@@ -56,9 +63,9 @@ def quality(
         "pool_size": pool_size,
         "output_dir": output_dir,
         "results_dir": results_dir,
+        "family": family,
+        "unseen": unseen_family if unseen else None,
     }
-    if not unseen:
-        overrides["unseen"] = None
     config = QualityConfig.for_mode(mode, **{k: v for k, v in overrides.items() if v is not None or k == "unseen"})
     result = run_quality(config)
     typer.echo(markdown_table(result))

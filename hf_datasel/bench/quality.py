@@ -1099,6 +1099,20 @@ def write_reports(result: dict[str, Any], stem: Path) -> None:
     stem.with_suffix(".md").write_text("\n\n".join(parts) + "\n")
 
 
+def config_from_args(args: argparse.Namespace) -> QualityConfig:
+    """The run's settings: the mode's defaults with what the command line set."""
+    overrides: dict[str, Any] = {}
+    for name in ("seeds", "variants"):
+        if getattr(args, name):
+            overrides[name] = tuple(getattr(args, name))
+    for name in ("large_steps", "pool_size", "workers", "output_dir", "results_dir", "family", "unseen"):
+        if getattr(args, name):
+            overrides[name] = getattr(args, name)
+    if args.no_unseen:
+        overrides["unseen"] = None
+    return QualityConfig.for_mode(args.mode, **overrides)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=["quick", "full"], default="quick")
@@ -1109,9 +1123,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int)
     parser.add_argument("--output-dir")
     parser.add_argument("--results-dir")
+    parser.add_argument("--family", choices=sorted(FAMILIES), help="the pool family the settings are run on")
+    parser.add_argument("--unseen", choices=sorted(FAMILIES), help="the family checked on other seeds")
     parser.add_argument("--no-unseen", action="store_true", help="skip the unseen pool family")
     parser.add_argument("--replot", metavar="JSON", help="only redraw the plot and tables of an earlier result")
     args = parser.parse_args(argv)
+    if args.no_unseen and args.unseen:
+        parser.error("--unseen and --no-unseen contradict each other")
     if args.replot:
         result = json.loads(Path(args.replot).read_text())
         for _, family in _families(result):
@@ -1119,16 +1137,7 @@ def main(argv: list[str] | None = None) -> None:
         write_reports(result, Path(args.replot).with_suffix(""))
         print(markdown_table(result))
         return
-    overrides: dict[str, Any] = {}
-    for name in ("seeds", "variants"):
-        if getattr(args, name):
-            overrides[name] = tuple(getattr(args, name))
-    for name in ("large_steps", "pool_size", "workers", "output_dir", "results_dir"):
-        if getattr(args, name):
-            overrides[name] = getattr(args, name)
-    if args.no_unseen:
-        overrides["unseen"] = None
-    result = run_quality(QualityConfig.for_mode(args.mode, **overrides))
+    result = run_quality(config_from_args(args))
     print(markdown_table(result))
     print(json.dumps(result["goals"], indent=1))
 
